@@ -1,0 +1,127 @@
+"""Method registry: a method is a named composition of defenses applied to one base pipeline.
+
+A method combines a guidance defense (a negative prompt now; SLD and SAFREE plug in the same way),
+optional replacement weights (fine-tuned unlearning), and optionally the safe denoiser's x0
+correction. Every registered base method ``m`` also exists as ``m+safe-denoiser`` (reference-code
+form) and ``m+safe-denoiser-paper`` (paper form), so a new defense gets its combined rows for free.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+SAFE_DENOISER_FORMS = {"safe-denoiser": "reference", "safe-denoiser-paper": "paper"}
+
+# A method's negative prompt may be this marker, which the runner replaces with the concept's own
+# negative prompt (the digit's names for the miniature model, the sexual-concept phrases for nudity).
+CONCEPT_NEGATIVE_PROMPT = "<concept>"
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A defense composition.
+
+    Attributes:
+        name: Registry name, e.g. ``"neg-prompt+safe-denoiser"``.
+        description: One line for ``safebench list methods`` and reports.
+        negative_prompt: Text passed as the pipeline's negative prompt, or ``CONCEPT_NEGATIVE_PROMPT``.
+        guidance_defense: Name of a guidance defense that changes the noise prediction (reserved).
+        weights: Name of replacement weights for the UNet or text encoder (reserved).
+        safe_denoiser: ``None``, ``"reference"`` or ``"paper"``.
+        safe_denoiser_params: Overrides of the concept's tuned safe denoiser settings.
+    """
+
+    name: str
+    description: str
+    negative_prompt: str | None = None
+    guidance_defense: str | None = None
+    weights: str | None = None
+    safe_denoiser: str | None = None
+    safe_denoiser_params: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.safe_denoiser not in (None, "reference", "paper"):
+            raise ValueError(
+                f"method {self.name!r}: safe_denoiser must be None, 'reference' or 'paper', "
+                f"got {self.safe_denoiser!r}"
+            )
+
+    @property
+    def base_name(self) -> str:
+        return self.name.split("+", 1)[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["safe_denoiser_params"] = dict(self.safe_denoiser_params)
+        return data
+
+    def config_hash(self) -> str:
+        """Hash of everything that changes the generated images; the name is not part of it."""
+        data = self.to_dict()
+        data.pop("name")
+        data.pop("description")
+        payload = json.dumps(data, sort_keys=True, default=str).encode()
+        return hashlib.sha256(payload).hexdigest()[:16]
+
+
+_BASE_METHODS: dict[str, MethodSpec] = {}
+
+
+def register_method(spec: MethodSpec) -> MethodSpec:
+    """Register a base method; its ``+safe-denoiser`` combinations follow automatically."""
+    if "+" in spec.name:
+        raise ValueError(f"base method names cannot contain '+': {spec.name!r}")
+    if spec.name in _BASE_METHODS:
+        raise ValueError(f"method {spec.name!r} is already registered")
+    _BASE_METHODS[spec.name] = spec
+    return spec
+
+
+register_method(MethodSpec("sd", "the base model with no defense"))
+register_method(
+    MethodSpec(
+        "neg-prompt",
+        "negative prompt naming the unsafe concept in place of the unconditional prompt",
+        negative_prompt=CONCEPT_NEGATIVE_PROMPT,
+    )
+)
+
+
+def get_method(name: str) -> MethodSpec:
+    """Resolve ``name`` (``base`` or ``base+safe-denoiser[-paper]``; bare ``safe-denoiser`` is ``sd+...``)."""
+    parts = name.split("+")
+    if parts[0] in SAFE_DENOISER_FORMS:
+        parts = ["sd", *parts]
+    base_name, *additions = parts
+    if base_name not in _BASE_METHODS:
+        raise KeyError(f"unknown method {name!r}; known methods are {available_methods()}")
+    spec = _BASE_METHODS[base_name]
+    if len(additions) > 1 or (additions and additions[0] not in SAFE_DENOISER_FORMS):
+        raise KeyError(
+            f"unknown method {name!r}: only one of {sorted(SAFE_DENOISER_FORMS)} can follow '+'; "
+            f"known methods are {available_methods()}"
+        )
+    if spec.safe_denoiser is not None and additions:
+        raise KeyError(f"method {name!r}: {base_name!r} already includes the safe denoiser")
+    if additions:
+        spec = replace(
+            spec,
+            name=name,
+            description=f"{spec.description}, plus the safe denoiser ({SAFE_DENOISER_FORMS[additions[0]]} form)",
+            safe_denoiser=SAFE_DENOISER_FORMS[additions[0]],
+        )
+    return spec
+
+
+def available_methods() -> list[str]:
+    names = []
+    for base in _BASE_METHODS:
+        names.append(base)
+        names.extend(f"{base}+{form}" for form in SAFE_DENOISER_FORMS)
+    return names
+
+
+DEFAULT_METHODS = ("sd", "neg-prompt", "safe-denoiser", "neg-prompt+safe-denoiser")
