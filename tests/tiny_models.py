@@ -1,0 +1,150 @@
+"""Randomly initialised miniature diffusers pipelines, built from configs alone (no download).
+
+``tiny_sd_pipeline`` is a StableDiffusionPipeline with a 4-channel latent space at 1/2 of the
+image resolution, so a 32×32 image has 4×16×16 latents. Its text encoder is a CLIP model with
+32-d hidden states. Its tokenizer is a byte-level CLIP tokenizer that pads to SD's 77 tokens; the
+vocabulary is the 256 byte symbols, with and without the end-of-word suffix, and the two special
+tokens.
+``tiny_ddpm_pipeline`` is an unconditional DDPMPipeline on 3×16×16 pixels.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMPipeline,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    LMSDiscreteScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+    UNet2DModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+__all__ = ["SCHEDULER_NAMES", "make_scheduler", "tiny_clip_tokenizer", "tiny_sd_pipeline", "tiny_ddpm_pipeline"]
+
+# Stable Diffusion v1's noise schedule.
+_SD_SCHEDULE = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+}
+
+_SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
+    "ddpm": (DDPMScheduler, {"clip_sample": False, "steps_offset": 1}),
+    "ddim": (DDIMScheduler, {"clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}),
+    "dpm": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2, "steps_offset": 1}),
+    "euler": (EulerDiscreteScheduler, {"steps_offset": 1}),
+    "euler_ancestral": (EulerAncestralDiscreteScheduler, {"steps_offset": 1}),
+    "lms": (LMSDiscreteScheduler, {"steps_offset": 1}),
+}
+SCHEDULER_NAMES = tuple(_SCHEDULERS)
+
+
+def make_scheduler(name: str = "ddpm", **overrides: Any) -> Any:
+    """Build a scheduler with SD v1's noise schedule; ``name`` is one of ``SCHEDULER_NAMES``."""
+    if name not in _SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; expected one of {SCHEDULER_NAMES}")
+    cls, settings = _SCHEDULERS[name]
+    return cls(**{**_SD_SCHEDULE, **settings, **overrides})
+
+
+def _byte_symbols() -> list[str]:
+    """Return the 256 printable symbols that byte-level BPE uses for the bytes 0…255, in byte order."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    codes = {b: b for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in codes:
+            codes[b] = 256 + extra
+            extra += 1
+    return [chr(codes[b]) for b in range(256)]
+
+
+def tiny_clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
+    """Build a CLIP tokenizer with a byte-level vocabulary and no merges (one token per byte)."""
+    symbols = _byte_symbols()
+    tokens = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: index for index, token in enumerate(tokens)}
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length)
+
+
+def tiny_sd_pipeline(scheduler: str = "ddpm", seed: int = 0) -> StableDiffusionPipeline:
+    """Build a randomly initialised StableDiffusionPipeline (weights from ``seed``), on the CPU, float32."""
+    tokenizer = tiny_clip_tokenizer()
+    torch.manual_seed(seed)
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=32,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    text_encoder = CLIPTextModel(text_config)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        unet=unet.eval(),
+        scheduler=make_scheduler(scheduler),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_ddpm_pipeline(seed: int = 0, scheduler: str = "ddpm") -> DDPMPipeline:
+    """Build a randomly initialised unconditional DDPMPipeline on 3×16×16 pixels."""
+    torch.manual_seed(seed)
+    unet = UNet2DModel(
+        sample_size=16,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+    )
+    pipe = DDPMPipeline(unet=unet.eval(), scheduler=make_scheduler(scheduler, steps_offset=0))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
