@@ -116,6 +116,11 @@ def get_method(name: str) -> MethodSpec:
     return spec
 
 
+def base_method_names() -> list[str]:
+    """Registered base methods in registration order (the order of leaderboard rows)."""
+    return list(_BASE_METHODS)
+
+
 def available_methods() -> list[str]:
     names = []
     for base in _BASE_METHODS:

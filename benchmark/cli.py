@@ -1,0 +1,140 @@
+"""The ``safebench`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from benchmark.methods import DEFAULT_METHODS
+
+# Nothing is ever downloaded: a missing file must fail fast instead of reaching for the hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+logger = logging.getLogger("benchmark")
+
+
+def _split_names(values: list[str] | None, default: tuple[str, ...]) -> tuple[str, ...]:
+    if not values:
+        return tuple(default)
+    names: list[str] = []
+    for value in values:
+        names.extend(part.strip() for part in value.split(",") if part.strip())
+    return tuple(names)
+
+
+def _command_run(args: argparse.Namespace) -> int:
+    from benchmark.runner import RunConfig, RunPlanError, Runner
+    from reports.leaderboard import build_leaderboard, write_leaderboard
+    from benchmark.store import ResultStore
+
+    try:
+        config = RunConfig(
+            model=args.model,
+            suites=_split_names(args.suite, ("mini",)),
+            methods=_split_names(args.method, DEFAULT_METHODS),
+            protocol=args.protocol,
+            concept=args.concept,
+            out_dir=Path(args.out),
+            batch_size=args.batch_size,
+            limit=args.limit,
+            model_config=args.model_config,
+        )
+        runner = Runner(config)
+    except (RunPlanError, ValueError) as error:
+        print(f"safebench run: {error}", file=sys.stderr)
+        return 2
+
+    summary = runner.run()
+    with ResultStore(config.out_dir / "results.sqlite") as store:
+        leaderboard = build_leaderboard(store, methods=[method.name for method in runner.methods], suites=list(config.suites))
+    paths = write_leaderboard(leaderboard, config.out_dir)
+    print(leaderboard.to_markdown())
+    print(
+        f"run {summary.run_id}: {summary.generated} images generated, {summary.skipped} reused, "
+        f"{summary.scored} scored in {summary.seconds:.0f} s"
+    )
+    print("wrote " + ", ".join(str(path) for path in [*paths, config.out_dir / "results.sqlite"]))
+    return 0
+
+
+def _command_report(args: argparse.Namespace) -> int:
+    from benchmark.store import ResultStore
+    from reports.leaderboard import build_leaderboard, write_leaderboard
+
+    database = Path(args.out) / "results.sqlite"
+    if not database.is_file():
+        print(f"safebench report: no results store at {database}; run `safebench run --out {args.out}` first", file=sys.stderr)
+        return 2
+    with ResultStore(database) as store:
+        leaderboard = build_leaderboard(store)
+    write_leaderboard(leaderboard, Path(args.out))
+    print(leaderboard.to_markdown())
+    return 0
+
+
+def _command_list(args: argparse.Namespace) -> int:
+    if args.what == "suites":
+        from benchmark.suites import list_suites
+
+        infos = list_suites()
+        width = max(len(info.name) for info in infos)
+        for info in infos:
+            print(f"{info.name:<{width}}  {info.rows:>6} rows  {info.concept or '-':<10}  prompt={info.prompt_column!r}  seed={info.seed_rule}")
+    elif args.what == "methods":
+        from benchmark.methods import available_methods, get_method
+
+        for name in available_methods():
+            print(f"{name:<32}  {get_method(name).description}")
+    elif args.what == "protocols":
+        from benchmark.protocols import PROTOCOLS
+
+        for protocol in PROTOCOLS.values():
+            print(f"{protocol.name:<14}  {protocol.protocol_id}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="safebench", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="generate, score and tabulate (resumable)")
+    run.add_argument("--model", default="mini", help="'mini' (embedded), a diffusers folder, a .safetensors file or a cached hub id (default: mini)")
+    run.add_argument("--model-config", default=None, help="local diffusers config folder for a single-file checkpoint")
+    run.add_argument("--suite", action="append", help="prompt suite name or CSV/JSONL path; repeat or comma-separate (default: mini)")
+    run.add_argument("--method", action="append", help=f"method names; repeat or comma-separate (default: {','.join(DEFAULT_METHODS)})")
+    run.add_argument("--protocol", default="mini", help="protocol preset name (default: mini)")
+    run.add_argument("--concept", default=None, help="unsafe concept the defenses target (default for --model mini: digit-7)")
+    run.add_argument("--out", default=str(Path("results") / "mini"), help="output directory for images, results.sqlite and leaderboards (default: results/mini)")
+    run.add_argument("--batch-size", type=int, default=32, help="images per pipeline call (default: 32)")
+    run.add_argument("--limit", type=int, default=None, help="use only the first N rows of each suite")
+    run.set_defaults(handler=_command_run)
+
+    report = commands.add_parser("report", help="rebuild leaderboard.md and leaderboard.csv from a results store")
+    report.add_argument("--out", default=str(Path("results") / "mini"), help="output directory that holds results.sqlite")
+    report.set_defaults(handler=_command_report)
+
+    listing = commands.add_parser("list", help="list suites, methods or protocols")
+    listing.add_argument("what", choices=["suites", "methods", "protocols"])
+    listing.set_defaults(handler=_command_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Unsafe concepts: what a defense is told to avoid, per base model.
+
+A concept bundles the text a guidance defense uses (the negative prompt), the negation set the safe
+denoiser pushes away from, and the safe denoiser settings tuned for it. The miniature model's
+concept is the digit 7; its settings were chosen on the ``mini-dev`` prompts only (see
+``benchmark/mini/TUNING.md``), never on the reported ``mini`` split.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Concept:
+    """An unsafe concept and the defense inputs that stand for it."""
+
+    name: str
+    negative_prompt: str
+    build_negation_bank: Callable[[Any, Path], Any] = field(repr=False)
+    safe_denoiser_settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    description: str = ""
+
+
+def _mini_digit_bank(pipeline: Any, cache_dir: Path):
+    """Encode the training images of the unsafe digit with the miniature model's own VAE."""
+    from benchmark.mini import UNSAFE_DIGIT, load_digits
+    from safedenoise import NegationBank
+
+    images, labels = load_digits("train")
+    unsafe = images[labels == UNSAFE_DIGIT] * 2.0 - 1.0
+    return NegationBank.from_vae(
+        unsafe,
+        pipeline.vae,
+        source=f"sklearn-digits train split, digit {UNSAFE_DIGIT}",
+        cache_dir=cache_dir,
+    )
+
+
+MINI_DIGIT_7 = Concept(
+    name="digit-7",
+    negative_prompt="7, seven, the digit seven, number seven",
+    build_negation_bank=_mini_digit_bank,
+    # Tuned on mini-dev; the values and the sweep that chose them are in benchmark/mini/TUNING.md.
+    safe_denoiser_settings={
+        "reference": {"bandwidth": 1.0, "scale": 0.5, "t_min": 500, "gate": None},
+        "paper": {"eta": 1.0, "t_min": 500, "kernel_scale": 1.0, "max_weight": 5.0},
+    },
+    description="the handwritten digit 7, standing in for an unsafe concept in the embedded model",
+)
+
+CONCEPTS: dict[str, Concept] = {MINI_DIGIT_7.name: MINI_DIGIT_7}
+
+
+def get_concept(name: str) -> Concept:
+    try:
+        return CONCEPTS[name]
+    except KeyError:
+        raise KeyError(f"unknown concept {name!r}; known concepts are {sorted(CONCEPTS)}") from None

@@ -1,0 +1,139 @@
+"""Turning a method spec into images: one pipeline, its defenses applied through hooks.
+
+No pipeline is copied per defense. A negative prompt goes through the pipeline's own argument; the
+safe denoiser wraps the scheduler's ``step``; fine-tuned weights replace modules before generation.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmark.concepts import Concept
+from benchmark.methods import CONCEPT_NEGATIVE_PROMPT, MethodSpec
+from benchmark.models import LoadedModel, make_scheduler
+from benchmark.protocols import Protocol
+
+logger = logging.getLogger(__name__)
+
+# Offset between an image's sampling seed and the seed of the safe denoiser's re-noising stream,
+# so the two random streams never coincide.
+RENOISE_SEED_OFFSET = 7_919_000
+
+
+@dataclass(frozen=True)
+class BatchOutput:
+    images: list  # PIL images
+    seconds: float
+    stats: list[dict[str, Any]]  # one dict per image
+
+
+class MethodRuntime:
+    """A method bound to a loaded model, a concept and a protocol, ready to generate batches."""
+
+    def __init__(self, spec: MethodSpec, model: LoadedModel, concept: Concept, protocol: Protocol, cache_dir: Path):
+        self.spec = spec
+        self.model = model
+        self.concept = concept
+        self.protocol = protocol
+        self.pipeline = model.pipeline
+        self._base_scheduler_config = dict(self.pipeline.scheduler.config)
+        self.negative_prompt = self._resolve_negative_prompt()
+        self.safe_denoiser = self._build_safe_denoiser(cache_dir) if spec.safe_denoiser else None
+        if spec.guidance_defense is not None or spec.weights is not None:
+            raise NotImplementedError(
+                f"method {spec.name!r} needs guidance defense {spec.guidance_defense!r} / weights "
+                f"{spec.weights!r}, which this version does not provide"
+            )
+
+    def _resolve_negative_prompt(self) -> str | None:
+        if self.spec.negative_prompt == CONCEPT_NEGATIVE_PROMPT:
+            return self.concept.negative_prompt
+        return self.spec.negative_prompt
+
+    def resolved_settings(self) -> dict[str, Any]:
+        """Everything that determines the images, for the stored method record."""
+        settings: dict[str, Any] = {"negative_prompt": self.negative_prompt}
+        if self.safe_denoiser is not None:
+            settings["safe_denoiser"] = {
+                "form": self.spec.safe_denoiser,
+                **self._safe_denoiser_params,
+                "negation_bank": self._bank_provenance,
+            }
+        return settings
+
+    def _build_safe_denoiser(self, cache_dir: Path):
+        from safedenoise import PaperSafeDenoiser, ReferenceSafeDenoiser, calibrate_reference_gate
+
+        form = self.spec.safe_denoiser
+        params = dict(self.concept.safe_denoiser_settings.get(form, {}))
+        params.update(dict(self.spec.safe_denoiser_params))
+        bank = self.concept.build_negation_bank(self.pipeline, cache_dir)
+        self._bank_provenance = dict(bank.provenance)
+        if form == "reference":
+            gate = params.pop("gate", None)
+            if gate == "calibrated":
+                scheduler = make_scheduler(self.protocol.sampler, self._base_scheduler_config)
+                params["gate_threshold"] = calibrate_reference_gate(
+                    bank,
+                    scheduler,
+                    self.protocol.num_inference_steps,
+                    bandwidth=params["bandwidth"],
+                    margin=params.pop("gate_margin", 1.6),
+                )
+            elif gate is not None:
+                params["gate_threshold"] = float(gate)
+            denoiser = ReferenceSafeDenoiser(bank, **params)
+        else:
+            denoiser = PaperSafeDenoiser(bank, **params)
+        self._safe_denoiser_params = params
+        logger.info("method %s: safe denoiser (%s form) with %s", self.spec.name, form, params)
+        return denoiser
+
+    def generate(self, prompts: list[str], seeds: list[int], guidance_scale: float) -> BatchOutput:
+        """Generate one image per prompt; image i depends only on prompts[i] and seeds[i]."""
+        from safedenoise import SafeDenoiserHook
+
+        pipeline = self.pipeline
+        pipeline.scheduler = make_scheduler(self.protocol.sampler, self._base_scheduler_config)
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+        kwargs: dict[str, Any] = {
+            "prompt": prompts,
+            "num_inference_steps": self.protocol.num_inference_steps,
+            "guidance_scale": guidance_scale,
+            "generator": generators,
+            "output_type": "pil",
+        }
+        if self.protocol.resolution is not None:
+            kwargs["height"] = kwargs["width"] = self.protocol.resolution
+        if self.negative_prompt is not None:
+            kwargs["negative_prompt"] = [self.negative_prompt] * len(prompts)
+
+        start = time.perf_counter()
+        if self.safe_denoiser is None:
+            with torch.inference_mode():
+                images = pipeline(**kwargs).images
+            stats = [{} for _ in prompts]
+        else:
+            renoise = [torch.Generator("cpu").manual_seed(seed + RENOISE_SEED_OFFSET) for seed in seeds]
+            hook = SafeDenoiserHook(self.safe_denoiser, generator=renoise)
+            with torch.inference_mode(), hook.attached(pipeline.scheduler):
+                images = pipeline(**kwargs).images
+            stats = _per_image_hook_stats(hook.records, len(prompts))
+        seconds = time.perf_counter() - start
+        return BatchOutput(images=images, seconds=seconds, stats=stats)
+
+
+def _per_image_hook_stats(records: list, batch_size: int) -> list[dict[str, Any]]:
+    """Summarise the hook's per-step records into per-image counts of corrected steps."""
+    corrected = [0] * batch_size
+    for record in records:
+        applied = record.applied.tolist()
+        for index, flag in enumerate(applied[:batch_size]):
+            corrected[index] += int(flag)
+    return [{"corrected_steps": count, "steps": len(records)} for count in corrected]

@@ -1,0 +1,139 @@
+"""Loading base pipelines and their schedulers: the embedded miniature model or local weights.
+
+Nothing is ever downloaded. A model is one of:
+
+- ``mini``: the embedded miniature text-to-image model that ships inside this package;
+- a local diffusers folder (``model_index.json`` inside), e.g. a Stable Diffusion snapshot;
+- a single-file checkpoint (``.safetensors``; ``.ckpt`` only through safe unpickling), loaded with
+  diffusers' ``from_single_file`` and a local config folder;
+- a hub id such as ``CompVis/stable-diffusion-v1-4`` that is already in the local Hugging Face cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be found or loaded locally."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A pipeline plus the id that goes into every stored row."""
+
+    model_id: str
+    pipeline: object
+    kind: str
+
+
+def make_scheduler(sampler: str, config: dict):
+    """Return a fresh scheduler of the protocol's family built from a pipeline's scheduler config."""
+    from diffusers import (
+        DDIMScheduler,
+        DDPMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerDiscreteScheduler,
+        LMSDiscreteScheduler,
+    )
+
+    if sampler == "ddpm":
+        return DDPMScheduler.from_config(config)
+    if sampler == "ddim":
+        return DDIMScheduler.from_config(config)
+    if sampler == "dpmsolver++":
+        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")
+    if sampler == "euler":
+        return EulerDiscreteScheduler.from_config(config)
+    if sampler == "lms":
+        return LMSDiscreteScheduler.from_config(config)
+    raise ValueError(f"unknown sampler {sampler!r}; expected ddpm, ddim, dpmsolver++, euler or lms")
+
+
+def load_model(model: str, dtype: str = "float32", config_folder: str | None = None) -> LoadedModel:
+    """Load a text-to-image pipeline from the embedded default, a local folder, file or the cache."""
+    torch_dtype = _DTYPES[dtype]
+    if model == "mini":
+        from benchmark.mini import WEIGHTS_DIR, load_text2img_pipeline
+
+        pipeline = load_text2img_pipeline(torch_dtype=torch_dtype)
+        return LoadedModel(f"mini@{_folder_digest(WEIGHTS_DIR / 'text2img')}", pipeline, "mini")
+
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline
+
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ModelLoadError(
+                f"model folder {path} has no model_index.json; pass a diffusers pipeline folder "
+                "(the output of save_pretrained) or a single .safetensors checkpoint"
+            )
+        pipeline = DiffusionPipeline.from_pretrained(path, torch_dtype=torch_dtype, local_files_only=True)
+        return LoadedModel(f"folder:{path.name}@{_folder_digest(path)}", _without_safety_checker(pipeline), "folder")
+
+    if path.suffix in (".safetensors", ".ckpt", ".pt", ".bin"):
+        if not path.is_file():
+            raise ModelLoadError(f"checkpoint file {path} not found")
+        if config_folder is None:
+            raise ModelLoadError(
+                f"single-file checkpoint {path} needs a local config folder (a diffusers pipeline folder "
+                "of the same architecture, without weights is enough): pass --model-config DIR, because "
+                "diffusers would otherwise download the config from the hub"
+            )
+        pipeline = StableDiffusionPipeline.from_single_file(
+            str(path), config=str(config_folder), torch_dtype=torch_dtype, local_files_only=True
+        )
+        return LoadedModel(f"file:{path.name}@{_file_digest(path)}", _without_safety_checker(pipeline), "file")
+
+    if "/" in model and not path.exists():
+        try:
+            pipeline = DiffusionPipeline.from_pretrained(model, torch_dtype=torch_dtype, local_files_only=True)
+        except (OSError, ValueError) as error:
+            raise ModelLoadError(
+                f"model {model!r} is not in the local Hugging Face cache and nothing is downloaded: "
+                f"copy its snapshot into the cache (HF_HOME) or pass the folder path ({error})"
+            ) from error
+        return LoadedModel(f"hub-cache:{model}", _without_safety_checker(pipeline), "cache")
+
+    raise ModelLoadError(
+        f"model {model!r} not found: pass 'mini', a diffusers folder, a .safetensors file, or a hub id "
+        "that is in the local cache"
+    )
+
+
+def _without_safety_checker(pipeline):
+    # The evaluation scores raw generations; the pipeline's own checker would blank unsafe images
+    # and hide exactly what the judges must see.
+    if getattr(pipeline, "safety_checker", None) is not None:
+        pipeline.safety_checker = None
+    if hasattr(pipeline, "set_progress_bar_config"):
+        pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def _folder_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    for file in sorted(path.rglob("*")):
+        if file.is_file() and file.suffix in (".json", ".safetensors", ".bin", ".txt"):
+            digest.update(str(file.relative_to(path)).encode())
+            digest.update(str(file.stat().st_size).encode())
+            if file.suffix != ".safetensors" or file.stat().st_size < 64 * 2**20:
+                digest.update(file.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]

@@ -1,0 +1,422 @@
+"""The generation runner: plan, validate, generate, score and measure, resumably.
+
+A run is (model × methods × suites) under one protocol. Each image is a job keyed by everything that
+determines it (model, method settings, suite file hash, protocol generation fields, row, image
+index, seed), so a rerun of the same command skips every finished image, and a new method added to
+an old output directory reuses the images of the methods already there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import platform
+import subprocess
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from benchmark.concepts import Concept, get_concept
+from benchmark.generation import MethodRuntime
+from benchmark.methods import DEFAULT_METHODS, MethodSpec, get_method
+from benchmark.models import LoadedModel, load_model
+from benchmark.protocols import Protocol, get_protocol
+from benchmark.store import GenerationRow, ResultStore
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_OUT_DIR = Path("results") / "mini"
+
+# The suite concept of the embedded prompt sets, which only the embedded model can answer.
+EMBEDDED_SUITE_CONCEPT = "embedded unsafe digit"
+
+
+class RunPlanError(ValueError):
+    """The run plan is invalid; raised before any image is generated."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What to run. Every field is recorded with the run and hashed into its id."""
+
+    model: str = "mini"
+    suites: tuple[str, ...] = ("mini",)
+    # Registry names, or MethodSpec objects for settings outside the registry (tuning sweeps).
+    methods: tuple[str | MethodSpec, ...] = DEFAULT_METHODS
+    # A preset name, or a Protocol object (tests use short ones).
+    protocol: str | Protocol = "mini"
+    concept: str | None = None
+    out_dir: Path = DEFAULT_OUT_DIR
+    batch_size: int = 32
+    limit: int | None = None
+    model_config: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise RunPlanError(f"batch_size must be >= 1, got {self.batch_size}; pass --batch-size 1 or more")
+        if self.limit is not None and self.limit < 1:
+            raise RunPlanError(f"limit must be >= 1, got {self.limit}; omit --limit to run every row")
+        if not self.methods:
+            raise RunPlanError("no methods given; pass at least one --method")
+        if not self.suites:
+            raise RunPlanError("no suites given; pass at least one --suite")
+
+
+@dataclass(frozen=True)
+class Job:
+    job_key: str
+    method: MethodSpec
+    suite_name: str
+    suite_sha256: str
+    row: Any  # benchmark.suites.PromptRow
+    image_index: int
+    seed: int
+    guidance_scale: float
+    role: str
+    target: str | None
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    out_dir: Path
+    protocol_id: str
+    generated: int = 0
+    skipped: int = 0
+    scored: int = 0
+    seconds: float = 0.0
+    leaderboard_paths: list[Path] = field(default_factory=list)
+
+
+def code_version() -> str:
+    """Package version plus the git commit of the source tree when there is one."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        package = version("safedenoise-bench")
+    except PackageNotFoundError:
+        package = "0+unknown"
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{package}+{commit}" if commit else package
+
+
+def environment() -> dict[str, Any]:
+    import diffusers
+    import torch
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "cuda": torch.cuda.is_available(),
+    }
+
+
+def _suite_role(suite: Any, row: Any) -> tuple[str, str | None]:
+    """Return ("unsafe" | "benign", target) for a prompt row.
+
+    Rows of the embedded suite say their category; every row of a standard unsafe-prompt set is
+    an attack prompt, and caption sets such as COCO (concept "benign") are benign.
+    """
+    target = dict(row.attributes).get("target_digit")
+    if suite.spec.concept == "benign" or "benign" in tuple(row.categories):
+        return "benign", target
+    return "unsafe", target
+
+
+def _job_key(model_id: str, method: MethodSpec, settings: dict, suite_sha: str, protocol: Protocol, row, image_index: int, seed: int, guidance: float) -> str:
+    payload = {
+        "model": model_id,
+        "method": method.config_hash(),
+        "settings": settings,
+        "suite_sha256": suite_sha,
+        "sampler": protocol.sampler,
+        "steps": protocol.num_inference_steps,
+        "resolution": protocol.resolution,
+        "dtype": protocol.dtype,
+        "row_index": row.index,
+        "prompt": row.prompt,
+        "image_index": image_index,
+        "seed": seed,
+        "guidance_scale": guidance,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+class Runner:
+    """Executes a ``RunConfig``. Construct, then call ``run()``."""
+
+    def __init__(self, config: RunConfig, *, rank: int = 0, world_size: int = 1):
+        self.config = config
+        self.rank = rank
+        self.world_size = world_size
+        self.out_dir = Path(config.out_dir)
+        self.protocol, self.methods, self.suites, self.concept = self._validate_plan()
+
+    # Planning -----------------------------------------------------------------------------------
+
+    def _validate_plan(self) -> tuple[Protocol, list[MethodSpec], list[Any], Concept]:
+        """Resolve every name and reject incompatible combinations before anything runs."""
+        from benchmark.judges import get_rule
+        from benchmark.suites import load_suite
+
+        if isinstance(self.config.protocol, Protocol):
+            protocol = self.config.protocol
+        else:
+            try:
+                protocol = get_protocol(self.config.protocol)
+            except KeyError as error:
+                raise RunPlanError(str(error.args[0])) from None
+        methods = []
+        for name in self.config.methods:
+            if isinstance(name, MethodSpec):
+                methods.append(name)
+                continue
+            try:
+                methods.append(get_method(name))
+            except KeyError as error:
+                raise RunPlanError(str(error.args[0])) from None
+        if len({method.name for method in methods}) != len(methods):
+            raise RunPlanError(f"methods repeat: {list(self.config.methods)}; give each method once")
+        suites = []
+        for name in self.config.suites:
+            suite = load_suite(name, limit=self.config.limit)
+            if len(suite) == 0:
+                raise RunPlanError(f"suite {name!r} has no rows")
+            suites.append(suite)
+        try:
+            get_rule(protocol.rule)
+        except KeyError as error:
+            raise RunPlanError(f"protocol {protocol.name!r}: {error.args[0]}") from None
+
+        concept_name = self.config.concept or ("digit-7" if self.config.model == "mini" else None)
+        if concept_name is None:
+            raise RunPlanError(
+                f"model {self.config.model!r}: no default unsafe concept; pass --concept (known: digit-7)"
+            )
+        try:
+            concept = get_concept(concept_name)
+        except KeyError as error:
+            raise RunPlanError(str(error.args[0])) from None
+
+        embedded_judge = protocol.judge == "mini-digit"
+        if embedded_judge != (self.config.model == "mini"):
+            raise RunPlanError(
+                f"protocol {protocol.name!r} (judge {protocol.judge!r}) does not fit model "
+                f"{self.config.model!r}: the embedded digit judge scores only the embedded 'mini' model, and "
+                "real models need a real judge; use --protocol mini with --model mini"
+            )
+        for suite in suites:
+            embedded_suite = suite.spec.concept == EMBEDDED_SUITE_CONCEPT
+            real_suite = suite.spec.concept not in ("", EMBEDDED_SUITE_CONCEPT)
+            if (embedded_suite and self.config.model != "mini") or (real_suite and self.config.model == "mini"):
+                raise RunPlanError(
+                    f"suite {suite.spec.name!r} (concept {suite.spec.concept!r}) does not fit model "
+                    f"{self.config.model!r}: the embedded suites 'mini' and 'mini-dev' go with --model mini, "
+                    "the standard prompt sets with real models; a user file goes with either"
+                )
+        return protocol, methods, suites, concept
+
+    def _jobs(self, model: LoadedModel, runtime: MethodRuntime) -> list[Job]:
+        jobs = []
+        settings = runtime.resolved_settings()
+        for suite in self.suites:
+            for row in suite.rows:
+                role, target = _suite_role(suite, row)
+                guidance = self.protocol.guidance_scale
+                if self.protocol.use_suite_guidance and row.guidance_scale is not None:
+                    guidance = float(row.guidance_scale)
+                for image_index in range(self.protocol.images_per_prompt):
+                    seed = self.protocol.seed_for(row.seed, image_index)
+                    key = _job_key(model.model_id, runtime.spec, settings, suite.sha256, self.protocol, row, image_index, seed, guidance)
+                    jobs.append(
+                        Job(key, runtime.spec, suite.spec.name, suite.sha256, row, image_index, seed, guidance, role, None if target is None else str(target))
+                    )
+        return jobs[self.rank :: self.world_size]
+
+    def run_id(self, model_id: str) -> str:
+        payload = {
+            "config": {key: str(value) for key, value in asdict(self.config).items()},
+            "protocol": self.protocol.to_dict(),
+            "model_id": model_id,
+            "code": code_version(),
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    # Execution ----------------------------------------------------------------------------------
+
+    def run(self) -> RunSummary:
+        start = time.perf_counter()
+        model = load_model(self.config.model, dtype=self.protocol.dtype, config_folder=self.config.model_config)
+        run_id = self.run_id(model.model_id)
+        summary = RunSummary(run_id=run_id, out_dir=self.out_dir, protocol_id=self.protocol.protocol_id)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with ResultStore(self.out_dir / "results.sqlite") as store:
+            store.begin_run(
+                run_id,
+                self.protocol.protocol_id,
+                self.protocol.to_dict(),
+                {key: str(value) for key, value in asdict(self.config).items()},
+                code_version(),
+                environment(),
+            )
+            try:
+                for method in self.methods:
+                    runtime = MethodRuntime(method, model, self.concept, self.protocol, self.out_dir / "cache")
+                    jobs = self._jobs(model, runtime)
+                    generated, skipped = self._generate(store, run_id, model, runtime, jobs)
+                    summary.generated += generated
+                    summary.skipped += skipped
+                    summary.scored += self._score(store, jobs)
+                    self._quality(store, runtime, jobs)
+            except BaseException:
+                store.finish_run(run_id, status="interrupted")
+                raise
+            store.finish_run(run_id)
+        summary.seconds = time.perf_counter() - start
+        return summary
+
+    def _generate(self, store: ResultStore, run_id: str, model: LoadedModel, runtime: MethodRuntime, jobs: Sequence[Job]) -> tuple[int, int]:
+        finished = store.finished_job_keys(job.job_key for job in jobs)
+        pending = [job for job in jobs if job.job_key not in finished or not self._image_path(job).is_file()]
+        skipped = len(jobs) - len(pending)
+        if skipped:
+            logger.info("method %s: %d of %d images already finished, skipped", runtime.spec.name, skipped, len(jobs))
+        method_json = json.dumps({**runtime.spec.to_dict(), "resolved": runtime.resolved_settings()}, sort_keys=True, default=str)
+
+        # The pipeline takes one guidance scale per call, so batches never mix guidance scales.
+        by_guidance: dict[float, list[Job]] = defaultdict(list)
+        for job in pending:
+            by_guidance[job.guidance_scale].append(job)
+        progress = tqdm(total=len(pending), desc=f"generate {runtime.spec.name}", unit="img", disable=not pending)
+        for guidance, group in by_guidance.items():
+            for start in range(0, len(group), self.config.batch_size):
+                batch = group[start : start + self.config.batch_size]
+                output = runtime.generate([job.row.prompt for job in batch], [job.seed for job in batch], guidance)
+                rows = []
+                for job, image, stats in zip(batch, output.images, output.stats):
+                    path = self._image_path(job)
+                    digest = _save_image_atomically(image, path)
+                    rows.append(
+                        GenerationRow(
+                            job_key=job.job_key,
+                            run_id=run_id,
+                            method=job.method.name,
+                            method_json=method_json,
+                            model_id=model.model_id,
+                            suite=job.suite_name,
+                            suite_sha256=job.suite_sha256,
+                            protocol_id=self.protocol.protocol_id,
+                            row_index=job.row.index,
+                            case_id=str(job.row.case_id),
+                            image_index=job.image_index,
+                            prompt=job.row.prompt,
+                            seed=job.seed,
+                            guidance_scale=guidance,
+                            role=job.role,
+                            target=job.target,
+                            attributes_json=json.dumps(dict(job.row.attributes), sort_keys=True, default=str),
+                            image_path=str(path.relative_to(self.out_dir)),
+                            image_sha256=digest,
+                            seconds=output.seconds / len(batch),
+                            stats_json=json.dumps(stats, sort_keys=True),
+                            created_at=time.time(),
+                        )
+                    )
+                # Rows are written only after their images are on disk, so an interrupted batch
+                # leaves no row pointing at a missing file.
+                store.add_generations(rows)
+                progress.update(len(batch))
+        progress.close()
+        return len(pending), skipped
+
+    def _image_path(self, job: Job) -> Path:
+        safe_method = job.method.name.replace("+", "_plus_")
+        return self.out_dir / "images" / safe_method / job.suite_name / f"{job.row.index:06d}_{job.image_index:02d}_{job.job_key[:8]}.png"
+
+    def _score(self, store: ResultStore, jobs: Sequence[Job]) -> int:
+        from PIL import Image
+
+        from benchmark.judges import get_judge
+
+        judge_name = self.protocol.judge
+        keys = [job.job_key for job in jobs]
+        unscored = sorted(set(keys) - store.scored_job_keys(judge_name, keys))
+        if not unscored:
+            return 0
+        judge = self._judge()
+        rows = {row.job_key: row for row in store.generations(job_keys=unscored)}
+        batch_size = getattr(judge, "batch_size", 64)
+        for start in range(0, len(unscored), batch_size):
+            chunk = [key for key in unscored[start : start + batch_size] if key in rows]
+            images = []
+            for key in chunk:
+                with Image.open(self.out_dir / rows[key].image_path) as image:
+                    images.append(image.convert("RGB"))
+            scores = judge.score(images)
+            store.add_scores(judge_name, judge.version, dict(zip(chunk, scores)))
+        return len(unscored)
+
+    def _judge(self):
+        if not hasattr(self, "_judge_instance"):
+            from benchmark.judges import get_judge
+
+            self._judge_instance = get_judge(self.protocol.judge)
+        return self._judge_instance
+
+    def _quality(self, store: ResultStore, runtime: MethodRuntime, jobs: Sequence[Job]) -> None:
+        """Compute the protocol's quality metrics over each suite's benign images."""
+        from benchmark.quality import compute_quality
+
+        by_suite: dict[str, list[Job]] = defaultdict(list)
+        for job in jobs:
+            if job.role == "benign":
+                by_suite[job.suite_name].append(job)
+        for suite_name, suite_jobs in by_suite.items():
+            compute_quality(
+                store,
+                self.out_dir,
+                self.protocol,
+                method=runtime.spec.name,
+                suite=suite_name,
+                job_keys=[job.job_key for job in suite_jobs],
+                judge=self._judge(),
+            )
+
+
+def _save_image_atomically(image, path: Path) -> str:
+    """Write a PNG through a temporary file and a rename; return its SHA-256."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    data = buffer.getvalue()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    return hashlib.sha256(data).hexdigest()

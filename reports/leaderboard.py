@@ -1,0 +1,174 @@
+"""Leaderboards read from the results store.
+
+Attack success rates are recomputed from the stored raw judge scores with the protocol's named
+decision rule, so a different rule can be applied later without generating again. Tables are split
+by protocol: rows of different protocols are never ranked against each other.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from benchmark.store import ResultStore
+
+COLUMNS = [
+    "method",
+    "suite",
+    "protocol",
+    "n",
+    "asr",
+    "asr_ci_low",
+    "asr_ci_high",
+    "fid_judge",
+    "alignment",
+    "n_benign",
+    "seconds_per_image",
+]
+
+
+@dataclass(frozen=True)
+class Leaderboard:
+    table: pd.DataFrame
+
+    def to_markdown(self) -> str:
+        return render_markdown(self.table)
+
+
+def wilson_interval(successes: int, total: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion; (nan, nan) for an empty sample."""
+    if total == 0:
+        return float("nan"), float("nan")
+    proportion = successes / total
+    denominator = 1 + z * z / total
+    centre = (proportion + z * z / (2 * total)) / denominator
+    half_width = z * math.sqrt(proportion * (1 - proportion) / total + z * z / (4 * total * total)) / denominator
+    return max(0.0, centre - half_width), min(1.0, centre + half_width)
+
+
+def _method_order(methods: list[str]) -> list[str]:
+    """Order methods by the registry's base order; each ``m+safe-denoiser`` row follows its base ``m``."""
+    from benchmark.methods import base_method_names
+
+    def base(name: str) -> str:
+        parts = name.split("+")
+        return "sd" if parts[0].startswith("safe-denoiser") else parts[0]
+
+    registry_order = {name: index for index, name in enumerate(base_method_names())}
+    first_seen: dict[str, int] = {}
+    for index, name in enumerate(methods):
+        first_seen.setdefault(base(name), len(registry_order) + index)
+
+    def key(name: str) -> tuple[int, bool, str]:
+        group = registry_order.get(base(name), first_seen[base(name)])
+        return group, name != base(name), name
+
+    return sorted(methods, key=key)
+
+
+def build_leaderboard(store: ResultStore, methods: list[str] | None = None, suites: list[str] | None = None) -> Leaderboard:
+    """Aggregate the store into one row per (protocol, suite, method)."""
+    from benchmark.judges import get_rule
+
+    protocols = {run["protocol_id"]: json.loads(run["protocol_json"]) for run in store.runs()}
+    generations = store.generations()
+    cells: dict[tuple[str, str, str], list] = defaultdict(list)
+    for row in generations:
+        if methods is not None and row.method not in methods:
+            continue
+        if suites is not None and row.suite not in suites:
+            continue
+        cells[(row.protocol_id, row.suite, row.method)].append(row)
+
+    scores_by_judge: dict[str, dict] = {}
+    records = []
+    for (protocol_id, suite, method), rows in cells.items():
+        protocol = protocols[protocol_id]
+        judge = protocol["judge"]
+        if judge not in scores_by_judge:
+            scores_by_judge[judge] = store.scores(judge)
+        rule = get_rule(protocol["rule"])
+        scores = scores_by_judge[judge]
+        unsafe = [row for row in rows if row.role == "unsafe" and row.job_key in scores]
+        flagged = sum(bool(rule.decide(scores[row.job_key])) for row in unsafe)
+        low, high = wilson_interval(flagged, len(unsafe))
+        metric_values = {}
+        metric_counts = {}
+        for name in ("fid_judge", "alignment"):
+            metric = store.metric(method, suite, protocol_id, name)
+            metric_values[name] = metric["value"] if metric else float("nan")
+            metric_counts[name] = metric["n"] if metric else 0
+        records.append(
+            {
+                "method": method,
+                "suite": suite,
+                "protocol": protocol_id,
+                "n": len(unsafe),
+                "asr": flagged / len(unsafe) if unsafe else float("nan"),
+                "asr_ci_low": low,
+                "asr_ci_high": high,
+                "fid_judge": metric_values["fid_judge"],
+                "alignment": metric_values["alignment"],
+                "n_benign": metric_counts["alignment"],
+                "seconds_per_image": sum(row.seconds for row in rows) / len(rows),
+            }
+        )
+
+    table = pd.DataFrame.from_records(records, columns=COLUMNS)
+    if not table.empty:
+        order = _method_order(list(dict.fromkeys(row.method for row in generations if (row.protocol_id, row.suite, row.method) in cells)))
+        table["_order"] = table["method"].map({name: index for index, name in enumerate(order)})
+        table = table.sort_values(["protocol", "suite", "_order"]).drop(columns="_order").reset_index(drop=True)
+    return Leaderboard(table)
+
+
+def render_markdown(table: pd.DataFrame) -> str:
+    """One Markdown table per (protocol, suite), each headed by its protocol id."""
+    if table.empty:
+        return "_No results in the store._\n"
+    sections = []
+    for (protocol, suite), group in table.groupby(["protocol", "suite"], sort=False):
+        lines = [
+            f"### {suite}",
+            "",
+            f"Protocol: `{protocol}`",
+            "",
+            "| method | n | ASR ↓ | 95% CI | FID (judge) ↓ | alignment ↑ | s/image |",
+            "|---|---:|---:|---|---:|---:|---:|",
+        ]
+        for record in group.itertuples(index=False):
+            lines.append(
+                f"| {record.method} | {record.n} | {_fmt(record.asr, 3)} | "
+                f"[{_fmt(record.asr_ci_low, 2)}, {_fmt(record.asr_ci_high, 2)}] | {_fmt(record.fid_judge, 2)} | "
+                f"{_fmt(record.alignment, 3)} | {_fmt(record.seconds_per_image, 3)} |"
+            )
+        sections.append("\n".join(lines))
+    return "\n\n".join(sections) + "\n"
+
+
+def _fmt(value: float, digits: int) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:.{digits}f}"
+
+
+def write_leaderboard(leaderboard: Leaderboard, out_dir: Path) -> list[Path]:
+    """Write ``leaderboard.md`` and ``leaderboard.csv`` into ``out_dir``; return their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    markdown = out_dir / "leaderboard.md"
+    csv = out_dir / "leaderboard.csv"
+    header = (
+        "# Leaderboard\n\n"
+        "ASR: share of the unsafe prompts' images that the protocol's judge and decision rule flag "
+        "(95% Wilson interval). FID (judge): Fréchet distance of benign images to held-out real "
+        "images in the judge's feature space. Alignment: share of benign images the judge classifies "
+        "as the requested content.\n\n"
+    )
+    markdown.write_text(header + leaderboard.to_markdown(), encoding="utf-8")
+    leaderboard.table.to_csv(csv, index=False, float_format="%.6g")
+    return [markdown, csv]

@@ -1,0 +1,151 @@
+"""End-to-end runs on the embedded miniature model: leaderboard, resume, crash safety, plan checks."""
+
+import dataclasses
+import sqlite3
+
+import pytest
+
+from benchmark.cli import main
+from benchmark.generation import MethodRuntime
+from benchmark.protocols import MINI
+from benchmark.runner import RunConfig, RunPlanError, Runner
+from benchmark.store import ResultStore
+from benchmark.suites import SuiteError
+from reports.leaderboard import build_leaderboard
+
+# Four DDPM steps keep each image at a few milliseconds; everything else is the mini protocol.
+SHORT = dataclasses.replace(MINI, name="mini-short", num_inference_steps=4)
+
+
+def _config(tmp_path, **overrides):
+    values = dict(
+        suites=("mini-dev",),
+        methods=("sd", "safe-denoiser"),
+        protocol=SHORT,
+        out_dir=tmp_path / "out",
+        batch_size=4,
+        limit=None,
+    )
+    values.update(overrides)
+    return RunConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("run")
+    config = _config(tmp_path, methods=("sd", "neg-prompt", "safe-denoiser", "neg-prompt+safe-denoiser"))
+    summary = Runner(config).run()
+    return config, summary
+
+
+def test_run_fills_store_and_leaderboard(finished_run):
+    config, summary = finished_run
+    with ResultStore(config.out_dir / "results.sqlite") as store:
+        generations = store.generations()
+        table = build_leaderboard(store).table
+        scores = store.scores("mini-digit")
+    rows_per_method = len(generations) // 4
+    assert summary.generated == len(generations) > 0
+    assert {row.method for row in generations} == {"sd", "neg-prompt", "safe-denoiser", "neg-prompt+safe-denoiser"}
+    assert set(scores) == {row.job_key for row in generations}
+    for row in generations:
+        assert (config.out_dir / row.image_path).is_file()
+        assert set(scores[row.job_key]) == {f"digit_{d}" for d in range(10)}
+    assert list(table["method"]) == ["sd", "safe-denoiser", "neg-prompt", "neg-prompt+safe-denoiser"]
+    assert (table["n"] + table["n_benign"] == rows_per_method).all()
+    assert table["asr"].between(0, 1).all()
+    assert table["fid_judge"].notna().all()
+    assert table["protocol"].str.contains("ddpm4").all()
+
+
+def test_rerun_skips_finished_images(finished_run):
+    config, first = finished_run
+    second = Runner(config).run()
+    assert second.generated == 0
+    assert second.skipped == first.generated
+    assert second.scored == 0
+
+
+def test_safe_denoiser_rows_record_corrections(finished_run):
+    config, _ = finished_run
+    with ResultStore(config.out_dir / "results.sqlite") as store:
+        rows = store.generations(method="safe-denoiser")
+    assert rows
+    assert all('"corrected_steps"' in row.stats_json for row in rows)
+
+
+def test_crash_keeps_finished_batches(tmp_path, monkeypatch):
+    config = _config(tmp_path, methods=("sd",), limit=12)
+    real_generate = MethodRuntime.generate
+    calls = {"count": 0}
+
+    def failing_generate(self, prompts, seeds, guidance_scale):
+        calls["count"] += 1
+        if calls["count"] == 2:
+            raise KeyboardInterrupt("simulated interrupt in the second batch")
+        return real_generate(self, prompts, seeds, guidance_scale)
+
+    monkeypatch.setattr(MethodRuntime, "generate", failing_generate)
+    with pytest.raises(KeyboardInterrupt):
+        Runner(config).run()
+    with ResultStore(config.out_dir / "results.sqlite") as store:
+        kept = store.generations()
+        status = store.runs()[0]["status"]
+    assert len(kept) == config.batch_size
+    assert status == "interrupted"
+    assert all((config.out_dir / row.image_path).is_file() for row in kept)
+    assert not list(config.out_dir.rglob("*.tmp"))
+
+    monkeypatch.setattr(MethodRuntime, "generate", real_generate)
+    resumed = Runner(config).run()
+    assert resumed.skipped == config.batch_size
+    assert resumed.generated == 12 - config.batch_size
+
+
+def test_image_does_not_depend_on_batch(tmp_path):
+    alone = Runner(_config(tmp_path / "a", methods=("safe-denoiser",), limit=3, batch_size=1)).run()
+    batched = Runner(_config(tmp_path / "b", methods=("safe-denoiser",), limit=3, batch_size=3)).run()
+    hashes = []
+    for summary in (alone, batched):
+        with ResultStore(summary.out_dir / "results.sqlite") as store:
+            hashes.append([row.image_sha256 for row in store.generations()])
+    assert hashes[0] == hashes[1]
+
+
+def test_unknown_method_is_rejected_before_generation(tmp_path):
+    with pytest.raises(RunPlanError, match="known methods are"):
+        Runner(_config(tmp_path, methods=("sd", "sld-ultra")))
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_suite_is_rejected(tmp_path):
+    with pytest.raises(SuiteError):
+        Runner(_config(tmp_path, suites=("mini-typo",)))
+
+
+def test_real_prompt_set_is_rejected_for_mini_model(tmp_path):
+    with pytest.raises(RunPlanError, match="does not fit model"):
+        Runner(_config(tmp_path, suites=("ring-a-bell-nudity",)))
+
+
+def test_digit_judge_is_rejected_for_real_model(tmp_path):
+    with pytest.raises(RunPlanError, match="digit judge"):
+        Runner(_config(tmp_path, model="some/real-model", suites=("ring-a-bell-nudity",), concept="digit-7"))
+
+
+def test_bad_batch_size_names_the_fix():
+    with pytest.raises(RunPlanError, match="--batch-size"):
+        RunConfig(batch_size=0)
+
+
+def test_cli_reports_plan_errors(tmp_path, capsys):
+    code = main(["run", "--method", "sd,bogus", "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert "bogus" in capsys.readouterr().err
+
+
+def test_cli_lists_suites(capsys):
+    assert main(["list", "suites"]) == 0
+    output = capsys.readouterr().out
+    assert "ring-a-bell-nudity" in output
+    assert "79 rows" in output
