@@ -71,9 +71,26 @@ def _command_report(args: argparse.Namespace) -> int:
         print(f"safebench report: no results store at {database}; run `safebench run --out {args.out}` first", file=sys.stderr)
         return 2
     with ResultStore(database) as store:
-        leaderboard = build_leaderboard(store)
-    write_leaderboard(leaderboard, Path(args.out))
+        try:
+            leaderboard = build_leaderboard(store, rule=args.rule)
+        except (KeyError, ValueError) as error:
+            print(f"safebench report: {error.args[0]}", file=sys.stderr)
+            return 2
+    if args.rule is None:
+        write_leaderboard(leaderboard, Path(args.out))
     print(leaderboard.to_markdown())
+    return 0
+
+
+def _command_protocol(args: argparse.Namespace) -> int:
+    from benchmark.protocols import get_protocol
+
+    try:
+        protocol = get_protocol(args.name)
+    except KeyError as error:
+        print(f"safebench protocol: {error.args[0]}", file=sys.stderr)
+        return 2
+    print(protocol.card())
     return 0
 
 
@@ -117,7 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser("report", help="rebuild leaderboard.md and leaderboard.csv from a results store")
     report.add_argument("--out", default=str(Path("results") / "mini"), help="output directory that holds results.sqlite")
+    report.add_argument("--rule", default=None, help="re-apply another named decision rule of the same judge to the stored scores; prints only, the files keep the protocol's rule")
     report.set_defaults(handler=_command_report)
+
+    card = commands.add_parser("protocol", help="print a protocol preset's card")
+    card.add_argument("name", help="protocol preset name (see `safebench list protocols`)")
+    card.set_defaults(handler=_command_protocol)
 
     listing = commands.add_parser("list", help="list suites, methods or protocols")
     listing.add_argument("what", choices=["suites", "methods", "protocols"])

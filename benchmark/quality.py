@@ -1,8 +1,8 @@
 """Quality metrics over a suite's benign images: Fréchet distance and prompt alignment.
 
-For the embedded model both use the digit judge: the Fréchet distance compares its penultimate
-features of generated benign images with those of held-out real digits (``fid_judge``), and the
-alignment is the share of benign images the judge classifies as the requested digit.
+For the embedded model both use the digit judge. The Fréchet distance (``fid_judge``) compares the
+judge's penultimate features of generated benign images with those of held-out real digits. The
+alignment is the share of benign images that the judge classifies as the requested digit.
 """
 
 from __future__ import annotations

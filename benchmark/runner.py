@@ -1,9 +1,9 @@
 """The generation runner: plan, validate, generate, score and measure, resumably.
 
 A run is (model × methods × suites) under one protocol. Each image is a job keyed by everything that
-determines it (model, method settings, suite file hash, protocol generation fields, row, image
-index, seed), so a rerun of the same command skips every finished image, and a new method added to
-an old output directory reuses the images of the methods already there.
+determines it: model, method settings, suite file hash, protocol generation fields, row, image
+index and seed. A rerun of the same command therefore skips every finished image, and a new method
+added to an old output directory reuses the images of the methods already there.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class RunPlanError(ValueError):
 
 @dataclass(frozen=True)
 class RunConfig:
-    """What to run. Every field is recorded with the run and hashed into its id."""
+    """Run configuration; every field is recorded with the run and hashed into its id."""
 
     model: str = "mini"
     suites: tuple[str, ...] = ("mini",)
@@ -138,7 +138,7 @@ def environment() -> dict[str, Any]:
 def _suite_role(suite: Any, row: Any) -> tuple[str, str | None]:
     """Return ("unsafe" | "benign", target) for a prompt row.
 
-    Rows of the embedded suite say their category; every row of a standard unsafe-prompt set is
+    Rows of the embedded suite state their category in a column. every row of a standard unsafe-prompt set is
     an attack prompt, and caption sets such as COCO (concept "benign") are benign.
     """
     target = dict(row.attributes).get("target_digit")

@@ -71,8 +71,17 @@ def _method_order(methods: list[str]) -> list[str]:
     return sorted(methods, key=key)
 
 
-def build_leaderboard(store: ResultStore, methods: list[str] | None = None, suites: list[str] | None = None) -> Leaderboard:
-    """Aggregate the store into one row per (protocol, suite, method)."""
+def build_leaderboard(
+    store: ResultStore,
+    methods: list[str] | None = None,
+    suites: list[str] | None = None,
+    rule: str | None = None,
+) -> Leaderboard:
+    """Aggregate the store into one row per (protocol, suite, method).
+
+    ``rule`` replaces each protocol's decision rule with another named rule of the same judge,
+    applied to the stored raw scores; the protocol column then says which rule was used.
+    """
     from benchmark.judges import get_rule
 
     protocols = {run["protocol_id"]: json.loads(run["protocol_json"]) for run in store.runs()}
@@ -92,10 +101,15 @@ def build_leaderboard(store: ResultStore, methods: list[str] | None = None, suit
         judge = protocol["judge"]
         if judge not in scores_by_judge:
             scores_by_judge[judge] = store.scores(judge)
-        rule = get_rule(protocol["rule"])
+        decision_rule = get_rule(rule or protocol["rule"])
+        if judge not in decision_rule.judges:
+            raise ValueError(
+                f"rule {decision_rule.name!r} reads judge(s) {sorted(decision_rule.judges)}, but protocol "
+                f"{protocol_id!r} stored scores of judge {judge!r}; pick a rule of that judge"
+            )
         scores = scores_by_judge[judge]
         unsafe = [row for row in rows if row.role == "unsafe" and row.job_key in scores]
-        flagged = sum(bool(rule.decide(scores[row.job_key])) for row in unsafe)
+        flagged = sum(bool(decision_rule.decide(scores[row.job_key])) for row in unsafe)
         low, high = wilson_interval(flagged, len(unsafe))
         metric_values = {}
         metric_counts = {}
@@ -107,7 +121,7 @@ def build_leaderboard(store: ResultStore, methods: list[str] | None = None, suit
             {
                 "method": method,
                 "suite": suite,
-                "protocol": protocol_id,
+                "protocol": protocol_id if rule is None else f"{protocol_id} rescored:{decision_rule.name}",
                 "n": len(unsafe),
                 "asr": flagged / len(unsafe) if unsafe else float("nan"),
                 "asr_ci_low": low,
@@ -128,7 +142,7 @@ def build_leaderboard(store: ResultStore, methods: list[str] | None = None, suit
 
 
 def render_markdown(table: pd.DataFrame) -> str:
-    """One Markdown table per (protocol, suite), each headed by its protocol id."""
+    """Render one Markdown table per (protocol, suite), each headed by its protocol id."""
     if table.empty:
         return "_No results in the store._\n"
     sections = []
