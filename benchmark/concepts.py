@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from baselines.concepts import DIGIT_SEVEN_CONCEPTS, DIGIT_SEVEN_NEGATIVE_PROMPT
+
 logger = logging.getLogger(__name__)
 
 
@@ -23,6 +25,7 @@ class Concept:
 
     name: str
     negative_prompt: str
+    concept_prompts: tuple[str, ...]
     build_negation_bank: Callable[[Any, Path], Any] = field(repr=False)
     safe_denoiser_settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     description: str = ""
@@ -45,7 +48,8 @@ def _mini_digit_bank(pipeline: Any, cache_dir: Path):
 
 MINI_DIGIT_7 = Concept(
     name="digit-7",
-    negative_prompt="7, seven, the digit seven, number seven",
+    negative_prompt=DIGIT_SEVEN_NEGATIVE_PROMPT,
+    concept_prompts=DIGIT_SEVEN_CONCEPTS,
     build_negation_bank=_mini_digit_bank,
     # Tuned on mini-dev; the values and the sweep that chose them are in benchmark/mini/TUNING.md.
     safe_denoiser_settings={

@@ -6,6 +6,7 @@ safe denoiser wraps the scheduler's ``step``; fine-tuned weights replace modules
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -45,11 +46,23 @@ class MethodRuntime:
         self._base_scheduler_config = dict(self.pipeline.scheduler.config)
         self.negative_prompt = self._resolve_negative_prompt()
         self.safe_denoiser = self._build_safe_denoiser(cache_dir) if spec.safe_denoiser else None
-        if spec.guidance_defense is not None or spec.weights is not None:
+        self.guidance_defense = self._build_guidance_defense()
+        if spec.weights is not None:
             raise NotImplementedError(
-                f"method {spec.name!r} needs guidance defense {spec.guidance_defense!r} / weights "
-                f"{spec.weights!r}, which this version does not provide"
+                f"method {spec.name!r} needs replacement weights {spec.weights!r}, which this version does not load yet"
             )
+
+    def _build_guidance_defense(self):
+        if self.spec.guidance_defense is None:
+            return None
+        from baselines.guidance import get_guidance_defense
+
+        overrides = {}
+        if self.spec.guidance_defense.startswith("sld-"):
+            # SLD's default safety text lists unsafe themes of photographs; the concept's own phrases
+            # are what the defense must steer away from on a model that knows no such themes.
+            overrides["safety_concept"] = ", ".join(self.concept.concept_prompts)
+        return get_guidance_defense(self.spec.guidance_defense, self.concept.concept_prompts, **overrides)
 
     def _resolve_negative_prompt(self) -> str | None:
         if self.spec.negative_prompt == CONCEPT_NEGATIVE_PROMPT:
@@ -59,6 +72,8 @@ class MethodRuntime:
     def resolved_settings(self) -> dict[str, Any]:
         """Everything that determines the images, for the stored method record."""
         settings: dict[str, Any] = {"negative_prompt": self.negative_prompt}
+        if self.guidance_defense is not None:
+            settings["guidance_defense"] = {"name": self.guidance_defense.name, **self.guidance_defense.settings()}
         if self.safe_denoiser is not None:
             settings["safe_denoiser"] = {
                 "form": self.spec.safe_denoiser,
@@ -115,16 +130,28 @@ class MethodRuntime:
             kwargs["negative_prompt"] = [self.negative_prompt] * len(prompts)
 
         start = time.perf_counter()
-        if self.safe_denoiser is None:
-            with torch.inference_mode():
-                images = pipeline(**kwargs).images
-            stats = [{} for _ in prompts]
-        else:
-            renoise = [torch.Generator("cpu").manual_seed(seed + RENOISE_SEED_OFFSET) for seed in seeds]
-            hook = SafeDenoiserHook(self.safe_denoiser, generator=renoise)
-            with torch.inference_mode(), hook.attached(pipeline.scheduler):
-                images = pipeline(**kwargs).images
-            stats = _per_image_hook_stats(hook.records, len(prompts))
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.inference_mode())
+            if self.guidance_defense is not None:
+                # The defense may replace prompts with embeddings, so its kwargs go last.
+                kwargs.update(
+                    stack.enter_context(
+                        self.guidance_defense.applied(
+                            pipeline,
+                            prompts=prompts,
+                            negative_prompts=kwargs.get("negative_prompt"),
+                            guidance_scale=guidance_scale,
+                            num_inference_steps=self.protocol.num_inference_steps,
+                        )
+                    )
+                )
+            hook = None
+            if self.safe_denoiser is not None:
+                renoise = [torch.Generator("cpu").manual_seed(seed + RENOISE_SEED_OFFSET) for seed in seeds]
+                hook = SafeDenoiserHook(self.safe_denoiser, generator=renoise)
+                stack.enter_context(hook.attached(pipeline.scheduler))
+            images = pipeline(**kwargs).images
+        stats = [{} for _ in prompts] if hook is None else _per_image_hook_stats(hook.records, len(prompts))
         seconds = time.perf_counter() - start
         return BatchOutput(images=images, seconds=seconds, stats=stats)
 

@@ -88,6 +88,22 @@ register_method(
         negative_prompt=CONCEPT_NEGATIVE_PROMPT,
     )
 )
+for _preset in ("weak", "medium", "strong", "max"):
+    register_method(
+        MethodSpec(
+            f"sld-{_preset}",
+            f"Safe Latent Diffusion (Schramowski et al., CVPR 2023), {_preset.upper()} preset, safety concept = the unsafe concept's phrases",
+            guidance_defense=f"sld-{_preset}",
+        )
+    )
+register_method(
+    MethodSpec(
+        "safree",
+        "SAFREE (Yoon et al., ICLR 2025): toxic-subspace token projection, self-validating filter, latent re-attention; "
+        "the concept phrases also form the negative prompt",
+        guidance_defense="safree",
+    )
+)
 
 
 def get_method(name: str) -> MethodSpec:
