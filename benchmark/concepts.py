@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import baselines
 from baselines.concepts import DIGIT_SEVEN_CONCEPTS, DIGIT_SEVEN_NEGATIVE_PROMPT
 
 logger = logging.getLogger(__name__)
@@ -28,6 +29,10 @@ class Concept:
     concept_prompts: tuple[str, ...]
     build_negation_bank: Callable[[Any, Path], Any] = field(repr=False)
     safe_denoiser_settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # Replacement UNet folders of fine-tuned unlearning methods for this concept's model, by method.
+    unlearned_weights: Mapping[str, Path] = field(default_factory=dict)
+    # Concepts UCE maps to the empty prompt.
+    uce_erase: tuple[str, ...] = ()
     description: str = ""
 
 
@@ -56,6 +61,8 @@ MINI_DIGIT_7 = Concept(
         "reference": {"bandwidth": 1.0, "scale": 0.5, "t_min": 500, "gate": None},
         "paper": {"eta": 1.0, "t_min": 500, "kernel_scale": 1.0, "max_weight": 5.0},
     },
+    unlearned_weights={"esd-u": Path(baselines.__file__).resolve().parent / "weights" / "mini-esd-u"},
+    uce_erase=("7",),
     description="the handwritten digit 7, standing in for an unsafe concept in the embedded model",
 )
 

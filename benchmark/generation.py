@@ -47,10 +47,30 @@ class MethodRuntime:
         self.negative_prompt = self._resolve_negative_prompt()
         self.safe_denoiser = self._build_safe_denoiser(cache_dir) if spec.safe_denoiser else None
         self.guidance_defense = self._build_guidance_defense()
-        if spec.weights is not None:
-            raise NotImplementedError(
-                f"method {spec.name!r} needs replacement weights {spec.weights!r}, which this version does not load yet"
+        self.unet, self._weights_record = self._build_unet()
+
+    def _build_unet(self):
+        """Return the replacement UNet of an unlearning method (or None) and its provenance."""
+        if self.spec.weights is None:
+            return None, None
+        if self.spec.weights == "uce":
+            from baselines.uce import uce_edit
+
+            if not self.concept.uce_erase:
+                raise ValueError(f"concept {self.concept.name!r} names no concepts for UCE to erase")
+            unet = uce_edit(self.pipeline, erase=list(self.concept.uce_erase), guide="")
+            return unet.eval(), {"uce_erase": list(self.concept.uce_erase), "guide": ""}
+        from baselines.weights import load_replacement, replacement_provenance
+
+        path = self.concept.unlearned_weights.get(self.spec.weights)
+        if path is None:
+            raise ValueError(
+                f"method {self.spec.name!r}: concept {self.concept.name!r} has no {self.spec.weights!r} weights; "
+                f"known: {sorted(self.concept.unlearned_weights)}"
             )
+        unet = load_replacement(self.pipeline, path, component="unet")
+        provenance = replacement_provenance(unet)
+        return unet.eval(), {"path": str(path), "sha256": provenance.sha256}
 
     def _build_guidance_defense(self):
         if self.spec.guidance_defense is None:
@@ -72,6 +92,8 @@ class MethodRuntime:
     def resolved_settings(self) -> dict[str, Any]:
         """Everything that determines the images, for the stored method record."""
         settings: dict[str, Any] = {"negative_prompt": self.negative_prompt}
+        if self._weights_record is not None:
+            settings["weights"] = self._weights_record
         if self.guidance_defense is not None:
             settings["guidance_defense"] = {"name": self.guidance_defense.name, **self.guidance_defense.settings()}
         if self.safe_denoiser is not None:
@@ -132,6 +154,8 @@ class MethodRuntime:
         start = time.perf_counter()
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.inference_mode())
+            if self.unet is not None:
+                stack.enter_context(_replaced_unet(pipeline, self.unet))
             if self.guidance_defense is not None:
                 # The defense may replace prompts with embeddings, so its kwargs go last.
                 kwargs.update(
@@ -154,6 +178,17 @@ class MethodRuntime:
         stats = [{} for _ in prompts] if hook is None else _per_image_hook_stats(hook.records, len(prompts))
         seconds = time.perf_counter() - start
         return BatchOutput(images=images, seconds=seconds, stats=stats)
+
+
+@contextlib.contextmanager
+def _replaced_unet(pipeline, unet):
+    """Swap ``pipeline.unet`` for one call; other methods share the same pipeline object."""
+    original = pipeline.unet
+    pipeline.unet = unet
+    try:
+        yield
+    finally:
+        pipeline.unet = original
 
 
 def _per_image_hook_stats(records: list, batch_size: int) -> list[dict[str, Any]]:

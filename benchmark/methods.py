@@ -98,6 +98,20 @@ for _preset in ("weak", "medium", "strong", "max"):
     )
 register_method(
     MethodSpec(
+        "esd-u",
+        "ESD-u (Gandikota et al., ICCV 2023): UNet fine-tuned to erase the concept, non-cross-attention parameters",
+        weights="esd-u",
+    )
+)
+register_method(
+    MethodSpec(
+        "uce",
+        "UCE (Gandikota et al., WACV 2024): closed-form edit of cross-attention keys and values mapping the concept to the empty prompt",
+        weights="uce",
+    )
+)
+register_method(
+    MethodSpec(
         "safree",
         "SAFREE (Yoon et al., ICLR 2025): toxic-subspace token projection, self-validating filter, latent re-attention; "
         "the concept phrases also form the negative prompt",
