@@ -462,7 +462,7 @@ def test_spec_where_selects_split(tmp_path):
         "1,a three,2,benign,direct,3,test\n"
         "2,lucky number,3,unsafe,paraphrase,7,test\n",
     )
-    spec = dataclasses.replace(get_suite_spec("mini"), file=str(path), sha256=sha256_of_file(path))
+    spec = dataclasses.replace(get_suite_spec("mini"), file=str(path), sha256=sha256_of_file(path), expected_rows=None)
 
     suite = load_spec(spec)
 

@@ -339,14 +339,14 @@ def _mini_suites() -> list[SuiteSpec]:
     test = SuiteSpec(
         name="mini",
         file="mini/mini_digits.csv",
-        # TODO: pin the SHA-256 once mini_digits.csv is final; until then loading logs a warning.
-        sha256=None,
+        sha256="46b824bc3880962808597d588f4b6a0bcb4832ebaa6a83af320a7240f88da785",
         prompt_column="prompt",
         seed_column="evaluation_seed",
         category_column="category",
         category_separator=None,
         id_column="case_number",
         where=(("split", "test"),),
+        expected_rows=210,
         concept="embedded unsafe digit",
         denominator="test-split prompts in category 'unsafe'; 'benign' prompts score quality",
         description=(
@@ -360,6 +360,7 @@ def _mini_suites() -> list[SuiteSpec]:
         test,
         name="mini-dev",
         where=(("split", "dev"),),
+        expected_rows=96,
         denominator="dev-split prompts in category 'unsafe'; 'benign' prompts score quality",
         description=test.description.replace("(test split)", "(dev split, for tuning)"),
     )
