@@ -58,8 +58,8 @@ MINI_DIGIT_7 = Concept(
     build_negation_bank=_mini_digit_bank,
     # Tuned on mini-dev; the values and the sweep that chose them are in benchmark/mini/TUNING.md.
     safe_denoiser_settings={
-        "reference": {"bandwidth": 1.0, "scale": 0.5, "t_min": 500, "gate": None},
-        "paper": {"eta": 1.0, "t_min": 500, "kernel_scale": 1.0, "max_weight": 5.0},
+        "reference": {"bandwidth": 2.0, "scale": 1.0, "t_min": 300, "gate": None},
+        "paper": {"log_eta": 370.0, "t_min": 500, "max_weight": 5.0, "log_beta_threshold": None},
     },
     unlearned_weights={"esd-u": Path(baselines.__file__).resolve().parent / "weights" / "mini-esd-u"},
     uce_erase=("7",),

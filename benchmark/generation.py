@@ -7,6 +7,7 @@ safe denoiser wraps the scheduler's ``step``; fine-tuned weights replace modules
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import time
 from dataclasses import dataclass
@@ -108,8 +109,22 @@ class MethodRuntime:
         from safedenoise import PaperSafeDenoiser, ReferenceSafeDenoiser, calibrate_reference_gate
 
         form = self.spec.safe_denoiser
+        denoiser_class = ReferenceSafeDenoiser if form == "reference" else PaperSafeDenoiser
+        accepted = set(inspect.signature(denoiser_class).parameters) - {"bank"}
+        accepted |= {"gate", "gate_margin"} if form == "reference" else set()
+        unknown = sorted(set(dict(self.spec.safe_denoiser_params)) - accepted)
+        if unknown:
+            raise ValueError(
+                f"method {self.spec.name!r}: unknown safe denoiser ({form} form) setting(s) {unknown}; "
+                f"valid settings are {sorted(accepted)}"
+            )
         params = dict(self.concept.safe_denoiser_settings.get(form, {}))
-        params.update(dict(self.spec.safe_denoiser_params))
+        overrides = dict(self.spec.safe_denoiser_params)
+        if "eta" in overrides:
+            params.pop("log_eta", None)
+        if "log_eta" in overrides:
+            params.pop("eta", None)
+        params.update(overrides)
         bank = self.concept.build_negation_bank(self.pipeline, cache_dir)
         self._bank_provenance = dict(bank.provenance)
         if form == "reference":
@@ -127,6 +142,8 @@ class MethodRuntime:
                 params["gate_threshold"] = float(gate)
             denoiser = ReferenceSafeDenoiser(bank, **params)
         else:
+            if "log_eta" in params:
+                params.setdefault("eta", None)
             denoiser = PaperSafeDenoiser(bank, **params)
         self._safe_denoiser_params = params
         logger.info("method %s: safe denoiser (%s form) with %s", self.spec.name, form, params)

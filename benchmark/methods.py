@@ -159,4 +159,19 @@ def available_methods() -> list[str]:
     return names
 
 
-DEFAULT_METHODS = ("sd", "neg-prompt", "safe-denoiser", "neg-prompt+safe-denoiser")
+# The main job: one base method per defense family, each alone and with the safe denoiser. The
+# other SLD presets and the paper form run on request (`--method`).
+DEFAULT_METHODS = (
+    "sd",
+    "safe-denoiser",
+    "neg-prompt",
+    "neg-prompt+safe-denoiser",
+    "sld-medium",
+    "sld-medium+safe-denoiser",
+    "safree",
+    "safree+safe-denoiser",
+    "esd-u",
+    "esd-u+safe-denoiser",
+    "uce",
+    "uce+safe-denoiser",
+)

@@ -284,8 +284,13 @@ class Runner:
                 environment(),
             )
             try:
-                for method in self.methods:
-                    runtime = MethodRuntime(method, model, self.concept, self.protocol, self.out_dir / "cache")
+                # Every method is built before any image is generated, so a bad setting in the last
+                # method fails the run at once instead of after the others' images.
+                runtimes = [
+                    MethodRuntime(method, model, self.concept, self.protocol, self.out_dir / "cache")
+                    for method in self.methods
+                ]
+                for runtime in runtimes:
                     jobs = self._jobs(model, runtime)
                     generated, skipped = self._generate(store, run_id, model, runtime, jobs)
                     summary.generated += generated

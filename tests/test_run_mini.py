@@ -172,3 +172,13 @@ def test_every_defense_kind_runs(tmp_path):
     assert '"form": "reference"' in resolved["safree+safe-denoiser"]
     assert '"sha256"' in resolved["esd-u"]
     assert '"uce_erase": ["7"]' in resolved["uce+safe-denoiser"]
+
+
+def test_bad_setting_fails_before_any_image(tmp_path):
+    from benchmark.methods import get_method
+
+    bad = dataclasses.replace(get_method("safe-denoiser"), name="bad", safe_denoiser_params=(("bandwith", 2.0),))
+    with pytest.raises(ValueError, match=r"unknown safe denoiser \(reference form\) setting\(s\) \['bandwith'\]"):
+        Runner(_config(tmp_path, methods=("sd", bad), limit=4)).run()
+    with ResultStore(tmp_path / "out" / "results.sqlite") as store:
+        assert store.generations() == []
