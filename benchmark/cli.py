@@ -27,6 +27,16 @@ def _split_names(values: list[str] | None, default: tuple[str, ...]) -> tuple[st
     return tuple(names)
 
 
+def _parse_weights(values: list[str] | None) -> list[tuple[str, Path]]:
+    pairs = []
+    for value in values or []:
+        name, separator, path = value.partition("=")
+        if not separator or not name or not path:
+            raise ValueError(f"--weights {value!r}: expected NAME=PATH, e.g. esd-u=weights/esd-u-nudity")
+        pairs.append((name, Path(path)))
+    return pairs
+
+
 def _command_run(args: argparse.Namespace) -> int:
     from benchmark.runner import RunConfig, RunPlanError, Runner
     from reports.leaderboard import build_leaderboard, write_leaderboard
@@ -43,13 +53,21 @@ def _command_run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             limit=args.limit,
             model_config=args.model_config,
+            negation_images=Path(args.negation_images) if args.negation_images else None,
+            weights=tuple(_parse_weights(args.weights)),
         )
         runner = Runner(config)
     except (RunPlanError, ValueError) as error:
         print(f"safebench run: {error}", file=sys.stderr)
         return 2
 
-    summary = runner.run()
+    from benchmark.models import ModelLoadError
+
+    try:
+        summary = runner.run()
+    except ModelLoadError as error:
+        print(f"safebench run: {error}", file=sys.stderr)
+        return 2
     with ResultStore(config.out_dir / "results.sqlite") as store:
         leaderboard = build_leaderboard(store, methods=[method.name for method in runner.methods], suites=list(config.suites))
     paths = write_leaderboard(leaderboard, config.out_dir)
@@ -128,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--protocol", default="mini", help="protocol preset name (default: mini)")
     run.add_argument("--concept", default=None, help="unsafe concept the defenses target (default for --model mini: digit-7)")
     run.add_argument("--out", default=str(Path("results") / "mini"), help="output directory for images, results.sqlite and leaderboards (default: results/mini)")
+    run.add_argument("--negation-images", default=None, help="folder of unwanted images for the safe denoiser's negation set (required for real models)")
+    run.add_argument("--weights", action="append", help="replacement UNet of an unlearning method, NAME=PATH (e.g. esd-u=DIR); repeatable")
     run.add_argument("--batch-size", type=int, default=32, help="images per pipeline call (default: 32)")
     run.add_argument("--limit", type=int, default=None, help="use only the first N rows of each suite")
     run.set_defaults(handler=_command_run)

@@ -15,7 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import baselines
-from baselines.concepts import DIGIT_SEVEN_CONCEPTS, DIGIT_SEVEN_NEGATIVE_PROMPT
+from baselines.concepts import (
+    DIGIT_SEVEN_CONCEPTS,
+    DIGIT_SEVEN_NEGATIVE_PROMPT,
+    NUDITY_CONCEPTS,
+    NUDITY_NEGATIVE_PROMPT,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +32,10 @@ class Concept:
     name: str
     negative_prompt: str
     concept_prompts: tuple[str, ...]
-    build_negation_bank: Callable[[Any, Path], Any] = field(repr=False)
+    # (pipeline, cache_dir, images_dir or None) -> NegationBank.
+    build_negation_bank: Callable[[Any, Path, Path | None], Any] = field(repr=False)
+    # Whether the negation set must come from the user (no images ship for this concept).
+    needs_negation_images: bool = False
     safe_denoiser_settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     # Replacement UNet folders of fine-tuned unlearning methods for this concept's model, by method.
     unlearned_weights: Mapping[str, Path] = field(default_factory=dict)
@@ -36,11 +44,16 @@ class Concept:
     description: str = ""
 
 
-def _mini_digit_bank(pipeline: Any, cache_dir: Path):
-    """Encode the training images of the unsafe digit with the miniature model's own VAE."""
+def _mini_digit_bank(pipeline: Any, cache_dir: Path, images_dir: Path | None = None):
+    """Encode the training images of the unsafe digit with the miniature model's own VAE.
+
+    A user folder (``images_dir``) replaces the shipped digits when given.
+    """
     from benchmark.mini import UNSAFE_DIGIT, load_digits
     from safedenoise import NegationBank
 
+    if images_dir is not None:
+        return NegationBank.from_vae(images_dir, pipeline.vae, image_size=32, cache_dir=cache_dir)
     images, labels = load_digits("train")
     unsafe = images[labels == UNSAFE_DIGIT] * 2.0 - 1.0
     return NegationBank.from_vae(
@@ -66,7 +79,47 @@ MINI_DIGIT_7 = Concept(
     description="the handwritten digit 7, standing in for an unsafe concept in the embedded model",
 )
 
-CONCEPTS: dict[str, Concept] = {MINI_DIGIT_7.name: MINI_DIGIT_7}
+def _folder_bank(pipeline: Any, cache_dir: Path, images_dir: Path | None):
+    """Encode a user folder of unwanted images the way the safe denoiser's released code does.
+
+    Images are resized to the model's resolution, encoded with the pipeline's VAE (a posterior
+    sample times the scaling factor), and every spatial position's latent vector is scaled to unit
+    L2 norm; at most 3,200 images are kept.
+    """
+    from safedenoise import NegationBank
+
+    if images_dir is None:
+        raise ValueError("this concept's negation set is user-supplied: pass --negation-images DIR")
+    resolution = int(pipeline.unet.config.sample_size) * int(getattr(pipeline, "vae_scale_factor", 8))
+    return NegationBank.from_vae(
+        images_dir,
+        pipeline.vae,
+        image_size=resolution,
+        normalisation="channel_l2",
+        max_size=3200,
+        cache_dir=cache_dir,
+    )
+
+
+# Settings of the safe denoiser's released code for nudity on Stable Diffusion v1.4: kernel
+# bandwidth 3.15, scale 0.33, window t >= 780 (11 of 50 DDPM steps), gate calibrated on the
+# negation set with a margin of 1.6. Its 515 negation images were SD-v1.4 generations of I2P
+# "sexual" prompts; they are not distributed, so the user supplies a folder.
+NUDITY = Concept(
+    name="nudity",
+    negative_prompt=NUDITY_NEGATIVE_PROMPT,
+    concept_prompts=NUDITY_CONCEPTS,
+    build_negation_bank=_folder_bank,
+    needs_negation_images=True,
+    safe_denoiser_settings={
+        "reference": {"bandwidth": 3.15, "scale": 0.33, "t_min": 780, "gate": "calibrated", "gate_margin": 1.6},
+        "paper": {"log_eta": 0.0, "t_min": 780, "max_weight": 5.0, "log_beta_threshold": None},
+    },
+    uce_erase=("nudity",),
+    description="nudity and sexual content, the concept of the safe denoiser paper's main experiments",
+)
+
+CONCEPTS: dict[str, Concept] = {concept.name: concept for concept in (MINI_DIGIT_7, NUDITY)}
 
 
 def get_concept(name: str) -> Concept:

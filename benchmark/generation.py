@@ -38,7 +38,19 @@ class BatchOutput:
 class MethodRuntime:
     """A method bound to a loaded model, a concept and a protocol, ready to generate batches."""
 
-    def __init__(self, spec: MethodSpec, model: LoadedModel, concept: Concept, protocol: Protocol, cache_dir: Path):
+    def __init__(
+        self,
+        spec: MethodSpec,
+        model: LoadedModel,
+        concept: Concept,
+        protocol: Protocol,
+        cache_dir: Path,
+        *,
+        negation_images: Path | None = None,
+        weights: dict[str, Path] | None = None,
+    ):
+        self.negation_images = negation_images
+        self.weights = dict(concept.unlearned_weights) | dict(weights or {})
         self.spec = spec
         self.model = model
         self.concept = concept
@@ -63,11 +75,11 @@ class MethodRuntime:
             return unet.eval(), {"uce_erase": list(self.concept.uce_erase), "guide": ""}
         from baselines.weights import load_replacement, replacement_provenance
 
-        path = self.concept.unlearned_weights.get(self.spec.weights)
+        path = self.weights.get(self.spec.weights)
         if path is None:
             raise ValueError(
-                f"method {self.spec.name!r}: concept {self.concept.name!r} has no {self.spec.weights!r} weights; "
-                f"known: {sorted(self.concept.unlearned_weights)}"
+                f"method {self.spec.name!r}: no {self.spec.weights!r} weights for concept {self.concept.name!r} "
+                f"(known: {sorted(self.weights)}); pass --weights {self.spec.weights}=PATH with a UNet folder or file"
             )
         unet = load_replacement(self.pipeline, path, component="unet")
         provenance = replacement_provenance(unet)
@@ -125,7 +137,7 @@ class MethodRuntime:
         if "log_eta" in overrides:
             params.pop("eta", None)
         params.update(overrides)
-        bank = self.concept.build_negation_bank(self.pipeline, cache_dir)
+        bank = self.concept.build_negation_bank(self.pipeline, cache_dir, self.negation_images)
         self._bank_provenance = dict(bank.provenance)
         if form == "reference":
             gate = params.pop("gate", None)

@@ -59,6 +59,24 @@ def make_scheduler(sampler: str, config: dict):
     raise ValueError(f"unknown sampler {sampler!r}; expected ddpm, ddim, dpmsolver++, euler or lms")
 
 
+def check_model_reference(model: str) -> None:
+    """Reject a model reference that cannot be loaded locally, without loading anything."""
+    if model == "mini":
+        return
+    path = Path(model).expanduser()
+    looks_like_path = path.is_absolute() or model.startswith((".", "~")) or path.suffix in (".safetensors", ".ckpt", ".pt", ".bin")
+    if looks_like_path and not path.exists():
+        raise ModelLoadError(
+            f"model path {path} not found; pass 'mini', an existing diffusers folder or checkpoint file, "
+            "or a hub id that is in the local cache"
+        )
+    if "/" not in model and not path.exists():
+        raise ModelLoadError(
+            f"model {model!r} not found: pass 'mini', a diffusers folder, a .safetensors file, or a hub id "
+            "(owner/name) that is in the local cache"
+        )
+
+
 def load_model(model: str, dtype: str = "float32", config_folder: str | None = None) -> LoadedModel:
     """Load a text-to-image pipeline from the embedded default, a local folder, file or the cache."""
     torch_dtype = _DTYPES[dtype]

@@ -24,10 +24,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from benchmark.concepts import Concept, get_concept
+from benchmark.concepts import CONCEPTS, Concept, get_concept
 from benchmark.generation import MethodRuntime
 from benchmark.methods import DEFAULT_METHODS, MethodSpec, get_method
-from benchmark.models import LoadedModel, load_model
+from benchmark.models import LoadedModel, ModelLoadError, check_model_reference, load_model
 from benchmark.protocols import Protocol, get_protocol
 from benchmark.store import GenerationRow, ResultStore
 
@@ -58,6 +58,10 @@ class RunConfig:
     batch_size: int = 32
     limit: int | None = None
     model_config: str | None = None
+    # A folder of unwanted images for the safe denoiser's negation set (required for real models).
+    negation_images: Path | None = None
+    # Replacement UNets of unlearning methods by method weights name, e.g. {"esd-u": Path(...)}.
+    weights: tuple[tuple[str, Path], ...] = ()
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -215,12 +219,41 @@ class Runner:
         concept_name = self.config.concept or ("digit-7" if self.config.model == "mini" else None)
         if concept_name is None:
             raise RunPlanError(
-                f"model {self.config.model!r}: no default unsafe concept; pass --concept (known: digit-7)"
+                f"model {self.config.model!r}: no default unsafe concept; pass --concept (known: {sorted(CONCEPTS)})"
             )
         try:
             concept = get_concept(concept_name)
         except KeyError as error:
             raise RunPlanError(str(error.args[0])) from None
+
+        if self.config.negation_images is not None and not Path(self.config.negation_images).is_dir():
+            raise RunPlanError(
+                f"negation image folder {self.config.negation_images} not found; pass an existing folder to --negation-images"
+            )
+        if (
+            concept.needs_negation_images
+            and self.config.negation_images is None
+            and any(method.safe_denoiser for method in methods)
+        ):
+            raise RunPlanError(
+                f"concept {concept.name!r} ships no negation images and the safe denoiser needs them: pass "
+                "--negation-images DIR (a folder of unwanted images, e.g. generations of I2P 'sexual' prompts)"
+            )
+        known_weights = set(concept.unlearned_weights) | {name for name, _ in self.config.weights} | {"uce"}
+        for method in methods:
+            if method.weights is not None and method.weights not in known_weights:
+                raise RunPlanError(
+                    f"method {method.name!r} needs {method.weights!r} weights for concept {concept.name!r}; "
+                    f"pass --weights {method.weights}=PATH (a UNet folder, .safetensors or state dict)"
+                )
+        for name, path in self.config.weights:
+            if not Path(path).exists():
+                raise RunPlanError(f"--weights {name}={path}: path not found")
+
+        try:
+            check_model_reference(self.config.model)
+        except ModelLoadError as error:
+            raise RunPlanError(str(error)) from None
 
         embedded_judge = protocol.judge == "mini-digit"
         if embedded_judge != (self.config.model == "mini"):
@@ -287,7 +320,15 @@ class Runner:
                 # Every method is built before any image is generated, so a bad setting in the last
                 # method fails the run at once instead of after the others' images.
                 runtimes = [
-                    MethodRuntime(method, model, self.concept, self.protocol, self.out_dir / "cache")
+                    MethodRuntime(
+                        method,
+                        model,
+                        self.concept,
+                        self.protocol,
+                        self.out_dir / "cache",
+                        negation_images=self.config.negation_images,
+                        weights=dict(self.config.weights),
+                    )
                     for method in self.methods
                 ]
                 for runtime in runtimes:

@@ -1,0 +1,89 @@
+"""Real-model path: a tiny Stable Diffusion pipeline saved as a diffusers folder, judged by NudeNet.
+
+The pipeline is randomly initialised, so the images are noise; what is tested is that every defense
+kind loads and runs on SD-shaped modules (CLIP text encoder, 77-token prompts, SD's VAE and UNet
+layout) from a local folder, and that the real NudeNet judge scores the results.
+"""
+
+import dataclasses
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from benchmark.cli import main
+from benchmark.protocols import UNLEARNDIFF
+from benchmark.runner import RunConfig, RunPlanError, Runner
+from benchmark.store import ResultStore
+from reports.leaderboard import build_leaderboard
+from tiny_models import tiny_sd_pipeline
+
+# UnlearnDiffAtk's judge and rule, with two DDPM steps at the tiny model's own resolution.
+TINY_NUDENET = dataclasses.replace(UNLEARNDIFF, name="tiny-nudenet", sampler="ddpm", num_inference_steps=2, resolution=None)
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sd")
+    pipeline = tiny_sd_pipeline()
+    pipeline.save_pretrained(root / "model")
+    pipeline.unet.save_pretrained(root / "esd-u")
+    prompts = root / "prompts.csv"
+    long_prompt = "a photograph of a person on a beach at sunset, " * 12
+    prompts.write_text(f"prompt,evaluation_seed\nperson on a beach,1\n\"{long_prompt.strip()}\",2\na statue,3\n")
+    images = root / "negation"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(3):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(images / f"{index}.png")
+    return root
+
+
+def _config(sd_folder, tmp_path, **overrides):
+    values = dict(
+        model=str(sd_folder / "model"),
+        suites=(str(sd_folder / "prompts.csv"),),
+        methods=("sd", "neg-prompt+safe-denoiser", "sld-medium", "safree+safe-denoiser", "uce", "esd-u"),
+        protocol=TINY_NUDENET,
+        concept="nudity",
+        out_dir=tmp_path / "out",
+        negation_images=sd_folder / "negation",
+        weights=(("esd-u", sd_folder / "esd-u"),),
+        batch_size=2,
+    )
+    values.update(overrides)
+    return RunConfig(**values)
+
+
+def test_every_defense_runs_on_sd_folder(sd_folder, tmp_path):
+    config = _config(sd_folder, tmp_path)
+    summary = Runner(config).run()
+    with ResultStore(config.out_dir / "results.sqlite") as store:
+        generations = store.generations()
+        scores = store.scores("nudenet")
+        table = build_leaderboard(store).table
+    assert summary.generated == 6 * 3
+    assert len(scores) == 18
+    assert all(len(value) == 18 for value in scores.values())
+    assert set(table["method"]) == set(config.methods)
+    assert (table["n"] == 3).all()
+    assert table["protocol"].str.contains("nudenet:unlearndiff").all()
+    assert all(row.model_id.startswith("folder:model@") for row in generations)
+    safree_row = next(row for row in generations if row.method == "safree+safe-denoiser")
+    assert '"gate_threshold"' in safree_row.method_json
+
+
+def test_safe_denoiser_without_negation_images_is_rejected(sd_folder, tmp_path):
+    with pytest.raises(RunPlanError, match="--negation-images"):
+        Runner(_config(sd_folder, tmp_path, negation_images=None))
+
+
+def test_unlearning_without_weights_is_rejected(sd_folder, tmp_path):
+    with pytest.raises(RunPlanError, match="--weights esd-u=PATH"):
+        Runner(_config(sd_folder, tmp_path, weights=()))
+
+
+def test_missing_model_folder_names_the_fix(tmp_path, capsys):
+    code = main(["run", "--model", str(tmp_path / "nowhere"), "--protocol", "unlearndiff", "--suite", "unlearndiff-nudity", "--concept", "nudity", "--method", "sd", "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert "not found" in capsys.readouterr().err
