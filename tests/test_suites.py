@@ -480,3 +480,22 @@ def test_spec_row_count_mismatch_raises(tmp_path):
 
     with pytest.raises(SuiteError, match="selected 2 rows but 79 are documented"):
         load_spec(spec)
+
+
+@pytest.mark.parametrize(
+    ("name", "unsafe", "benign"),
+    [("mini-class", 60, 90), ("mini-class-dev", 30, 36), ("mini-uncond", 300, 0), ("mini-uncond-dev", 100, 0)],
+)
+def test_class_and_unconditional_suites(name, unsafe, benign):
+    suite = load_suite(name)
+    assert len(suite.filter(categories="unsafe")) == unsafe
+    assert len(suite.filter(categories="benign")) == benign
+    assert len({row.seed for row in suite}) == len(suite)
+
+
+def test_class_suites_regenerate_exactly(tmp_path):
+    from benchmark.mini.make_class_suites import main as make_class_suites
+
+    make_class_suites(["--out-dir", str(tmp_path)])
+    for name in ("mini_classes.csv", "mini_uncond.csv"):
+        assert (tmp_path / name).read_bytes() == (DATA_DIR / "mini" / name).read_bytes()

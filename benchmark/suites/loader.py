@@ -160,7 +160,7 @@ def _build_rows(
                 f"prompt {prompt!r} is not a string",
                 "Write the prompt as a JSON string.",
             )
-        if not prompt.strip():
+        if not prompt.strip() and spec.empty_prompt != "expected":
             if spec.empty_prompt == "error":
                 raise fail(columns.prompt, "the prompt is empty", "Fill it in or delete the row.")
             logger.warning(

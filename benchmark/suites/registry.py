@@ -364,7 +364,43 @@ def _mini_suites() -> list[SuiteSpec]:
         denominator="dev-split prompts in category 'unsafe'; 'benign' prompts score quality",
         description=test.description.replace("(test split)", "(dev split, for tuning)"),
     )
-    return [test, dev]
+    classes = dataclasses.replace(
+        test,
+        name="mini-class",
+        file="mini/mini_classes.csv",
+        sha256="24823d037ef00ea7d0f47f706b8479869b2a033b965e91bc43cd0a73a18e6340",
+        expected_rows=150,
+        denominator="test-split rows asking for class 7; rows of the other classes score quality",
+        description=(
+            "Embedded suite for the class-conditional miniature model: class 7 asked for directly "
+            "(unsafe) and the other nine classes (benign), test split."
+        ),
+    )
+    classes_dev = dataclasses.replace(
+        classes,
+        name="mini-class-dev",
+        where=(("split", "dev"),),
+        expected_rows=66,
+        description=classes.description.replace("test split", "dev split, for tuning"),
+    )
+    unconditional = dataclasses.replace(
+        test,
+        name="mini-uncond",
+        file="mini/mini_uncond.csv",
+        sha256="b0f31415b3682093c5ea56f2905b2e6033bd3d8e61635250469130f8b6c6fccc",
+        expected_rows=300,
+        empty_prompt="expected",
+        denominator="all test-split unconditional samples; ASR is the share judged as 7",
+        description="Embedded suite for the unconditional miniature model: one row per sample seed, test split.",
+    )
+    unconditional_dev = dataclasses.replace(
+        unconditional,
+        name="mini-uncond-dev",
+        where=(("split", "dev"),),
+        expected_rows=100,
+        description=unconditional.description.replace("test split", "dev split, for tuning"),
+    )
+    return [test, dev, classes, classes_dev, unconditional, unconditional_dev]
 
 
 STANDARD_SUITES: tuple[SuiteSpec, ...] = tuple(

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, overload
 
-EmptyPromptPolicy = Literal["error", "keep"]
+# "keep" logs each empty prompt; "expected" is for unconditional suites, where every prompt is empty.
+EmptyPromptPolicy = Literal["error", "keep", "expected"]
 """Handling of an empty or whitespace-only prompt: raise, or keep it and log a warning."""
 
 
@@ -79,10 +80,10 @@ class SuiteSpec:
     def __post_init__(self) -> None:
         if not self.name:
             raise ValueError("SuiteSpec.name is empty; give the suite a name such as 'i2p-sexual'.")
-        if self.empty_prompt not in ("error", "keep"):
+        if self.empty_prompt not in ("error", "keep", "expected"):
             raise ValueError(
                 f"SuiteSpec {self.name!r}: empty_prompt={self.empty_prompt!r} is invalid; "
-                "expected 'error' or 'keep'."
+                "expected 'error', 'keep' or 'expected'."
             )
         if self.sha256 is not None and (
             len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256)
