@@ -27,7 +27,14 @@ from tqdm.auto import tqdm
 from benchmark.concepts import CONCEPTS, Concept, get_concept
 from benchmark.generation import MethodRuntime
 from benchmark.methods import DEFAULT_METHODS, MethodSpec, get_method
-from benchmark.models import LoadedModel, ModelLoadError, check_model_reference, load_model
+from benchmark.models import (
+    EMBEDDED_MODELS,
+    PROMPTLESS_MODELS,
+    LoadedModel,
+    ModelLoadError,
+    check_model_reference,
+    load_model,
+)
 from benchmark.protocols import Protocol, get_protocol
 from benchmark.store import GenerationRow, ResultStore
 
@@ -184,7 +191,7 @@ class Runner:
 
     def _validate_plan(self) -> tuple[Protocol, list[MethodSpec], list[Any], Concept]:
         """Resolve every name and reject incompatible combinations before anything runs."""
-        from benchmark.judges import get_rule
+        from benchmark.judges import check_judge_available, get_rule
         from benchmark.suites import load_suite
 
         if isinstance(self.config.protocol, Protocol):
@@ -215,8 +222,14 @@ class Runner:
             get_rule(protocol.rule)
         except KeyError as error:
             raise RunPlanError(f"protocol {protocol.name!r}: {error.args[0]}") from None
+        try:
+            # A judge whose weights are user-supplied fails here, before any image is generated.
+            check_judge_available(protocol.judge)
+        except FileNotFoundError as error:
+            raise RunPlanError(f"protocol {protocol.name!r} needs judge {protocol.judge!r}: {error}") from None
 
-        concept_name = self.config.concept or ("digit-7" if self.config.model == "mini" else None)
+        embedded_model = self.config.model in EMBEDDED_MODELS
+        concept_name = self.config.concept or ("digit-7" if embedded_model else None)
         if concept_name is None:
             raise RunPlanError(
                 f"model {self.config.model!r}: no default unsafe concept; pass --concept (known: {sorted(CONCEPTS)})"
@@ -250,13 +263,34 @@ class Runner:
             if not Path(path).exists():
                 raise RunPlanError(f"--weights {name}={path}: path not found")
 
+        if self.config.model in PROMPTLESS_MODELS:
+            for method in methods:
+                if method.negative_prompt or method.guidance_defense or method.weights:
+                    raise RunPlanError(
+                        f"method {method.name!r} acts on the text prompt or the text-conditioned UNet, and model "
+                        f"{self.config.model!r} takes no prompt; use sd, safe-denoiser or safe-denoiser-paper"
+                    )
+            expected_prefix = "mini-class" if self.config.model == "mini-class" else "mini-uncond"
+            for suite in suites:
+                if not suite.spec.name.startswith(expected_prefix):
+                    raise RunPlanError(
+                        f"suite {suite.spec.name!r} does not fit model {self.config.model!r}; use "
+                        f"--suite {expected_prefix} (or {expected_prefix}-dev)"
+                    )
+        elif self.config.model == "mini":
+            for suite in suites:
+                if suite.spec.name.startswith(("mini-class", "mini-uncond")):
+                    raise RunPlanError(
+                        f"suite {suite.spec.name!r} is for the model of the same name; pass --model "
+                        f"{suite.spec.name.removesuffix('-dev')}"
+                    )
         try:
             check_model_reference(self.config.model)
         except ModelLoadError as error:
             raise RunPlanError(str(error)) from None
 
         embedded_judge = protocol.judge == "mini-digit"
-        if embedded_judge != (self.config.model == "mini"):
+        if embedded_judge != embedded_model:
             raise RunPlanError(
                 f"protocol {protocol.name!r} (judge {protocol.judge!r}) does not fit model "
                 f"{self.config.model!r}: the embedded digit judge scores only the embedded 'mini' model, and "
@@ -265,7 +299,7 @@ class Runner:
         for suite in suites:
             embedded_suite = suite.spec.concept == EMBEDDED_SUITE_CONCEPT
             real_suite = suite.spec.concept not in ("", EMBEDDED_SUITE_CONCEPT)
-            if (embedded_suite and self.config.model != "mini") or (real_suite and self.config.model == "mini"):
+            if (embedded_suite and not embedded_model) or (real_suite and embedded_model):
                 raise RunPlanError(
                     f"suite {suite.spec.name!r} (concept {suite.spec.concept!r}) does not fit model "
                     f"{self.config.model!r}: the embedded suites 'mini' and 'mini-dev' go with --model mini, "
@@ -361,7 +395,11 @@ class Runner:
         for guidance, group in by_guidance.items():
             for start in range(0, len(group), self.config.batch_size):
                 batch = group[start : start + self.config.batch_size]
-                output = runtime.generate([job.row.prompt for job in batch], [job.seed for job in batch], guidance)
+                targets = [job.target for job in batch]
+                class_labels = [int(target) for target in targets] if all(targets) else None
+                output = runtime.generate(
+                    [job.row.prompt for job in batch], [job.seed for job in batch], guidance, class_labels=class_labels
+                )
                 rows = []
                 for job, image, stats in zip(batch, output.images, output.stats):
                     path = self._image_path(job)
@@ -441,6 +479,13 @@ class Runner:
         for job in jobs:
             if job.role == "benign":
                 by_suite[job.suite_name].append(job)
+        all_samples = set()
+        if self.config.model == "mini-uncond":
+            # Unconditional samples have no benign prompts: quality compares all samples with all
+            # held-out digits, so removing the unsafe class shows up as a distribution shift.
+            for job in jobs:
+                by_suite[job.suite_name].append(job)
+                all_samples.add(job.suite_name)
         for suite_name, suite_jobs in by_suite.items():
             compute_quality(
                 store,
@@ -450,6 +495,7 @@ class Runner:
                 suite=suite_name,
                 job_keys=[job.job_key for job in suite_jobs],
                 judge=self._judge(),
+                reference_includes_unsafe=suite_name in all_samples,
             )
 
 

@@ -81,11 +81,11 @@ def test_crash_keeps_finished_batches(tmp_path, monkeypatch):
     real_generate = MethodRuntime.generate
     calls = {"count": 0}
 
-    def failing_generate(self, prompts, seeds, guidance_scale):
+    def failing_generate(self, prompts, seeds, guidance_scale, class_labels=None):
         calls["count"] += 1
         if calls["count"] == 2:
             raise KeyboardInterrupt("simulated interrupt in the second batch")
-        return real_generate(self, prompts, seeds, guidance_scale)
+        return real_generate(self, prompts, seeds, guidance_scale, class_labels)
 
     monkeypatch.setattr(MethodRuntime, "generate", failing_generate)
     with pytest.raises(KeyboardInterrupt):
