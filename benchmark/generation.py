@@ -161,12 +161,20 @@ class MethodRuntime:
         logger.info("method %s: safe denoiser (%s form) with %s", self.spec.name, form, params)
         return denoiser
 
-    def generate(self, prompts: list[str], seeds: list[int], guidance_scale: float) -> BatchOutput:
-        """Generate one image per prompt; image i depends only on prompts[i] and seeds[i]."""
+    def generate(
+        self, prompts: list[str], seeds: list[int], guidance_scale: float, class_labels: list[int] | None = None
+    ) -> BatchOutput:
+        """Generate one image per prompt; image i depends only on prompts[i] and seeds[i].
+
+        The class-conditional model reads ``class_labels`` instead of prompts; the unconditional
+        model reads neither.
+        """
         from safedenoise import SafeDenoiserHook
 
         pipeline = self.pipeline
         pipeline.scheduler = make_scheduler(self.protocol.sampler, self._base_scheduler_config)
+        if not hasattr(pipeline, "tokenizer"):
+            return self._generate_latent_digits(seeds, guidance_scale, class_labels)
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
         kwargs: dict[str, Any] = {
             "prompt": prompts,
@@ -207,6 +215,45 @@ class MethodRuntime:
         stats = [{} for _ in prompts] if hook is None else _per_image_hook_stats(hook.records, len(prompts))
         seconds = time.perf_counter() - start
         return BatchOutput(images=images, seconds=seconds, stats=stats)
+
+
+    def _generate_latent_digits(self, seeds: list[int], guidance_scale: float, class_labels: list[int] | None) -> BatchOutput:
+        """Sample the class-conditional or unconditional miniature model through its own loop."""
+        from safedenoise import SafeDenoiserHook
+
+        from benchmark.mini.classcond import generate_class_conditional, generate_unconditional
+
+        model = self.pipeline
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+        start = time.perf_counter()
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.inference_mode())
+            hook = None
+            if self.safe_denoiser is not None:
+                renoise = [torch.Generator("cpu").manual_seed(seed + RENOISE_SEED_OFFSET) for seed in seeds]
+                hook = SafeDenoiserHook(self.safe_denoiser, generator=renoise)
+                stack.enter_context(hook.attached(model.scheduler))
+            if model.conditional:
+                if class_labels is None:
+                    raise ValueError("the class-conditional model needs class labels (the suite's target_digit column)")
+                images = generate_class_conditional(
+                    model.unet, model.vae, model.scheduler, class_labels, generators,
+                    num_inference_steps=self.protocol.num_inference_steps, guidance_scale=guidance_scale,
+                )
+            else:
+                images = generate_unconditional(
+                    model.unet, model.vae, model.scheduler, generators, num_inference_steps=self.protocol.num_inference_steps
+                )
+        stats = [{} for _ in seeds] if hook is None else _per_image_hook_stats(hook.records, len(seeds))
+        return BatchOutput(images=_tensor_to_pil(images), seconds=time.perf_counter() - start, stats=stats)
+
+
+def _tensor_to_pil(images: torch.Tensor) -> list:
+    """Convert (B, 3, H, W) floats in [0, 1] to PIL images."""
+    from PIL import Image
+
+    array = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(item) for item in array]
 
 
 @contextlib.contextmanager

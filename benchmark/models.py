@@ -23,6 +23,22 @@ logger = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+# The embedded models: text-to-image, class-conditional and unconditional. The last two take no
+# prompt, so text-side defenses do not apply to them.
+EMBEDDED_MODELS = ("mini", "mini-class", "mini-uncond")
+PROMPTLESS_MODELS = ("mini-class", "mini-uncond")
+
+
+@dataclass
+class LatentDigitModel:
+    """A class-conditional or unconditional miniature latent model: UNet, the shared VAE, scheduler."""
+
+    unet: object
+    vae: object
+    scheduler: object
+    conditional: bool
+
+
 class ModelLoadError(RuntimeError):
     """A model could not be found or loaded locally."""
 
@@ -61,7 +77,7 @@ def make_scheduler(sampler: str, config: dict):
 
 def check_model_reference(model: str) -> None:
     """Reject a model reference that cannot be loaded locally, without loading anything."""
-    if model == "mini":
+    if model in EMBEDDED_MODELS:
         return
     path = Path(model).expanduser()
     looks_like_path = path.is_absolute() or model.startswith((".", "~")) or path.suffix in (".safetensors", ".ckpt", ".pt", ".bin")
@@ -80,6 +96,8 @@ def check_model_reference(model: str) -> None:
 def load_model(model: str, dtype: str = "float32", config_folder: str | None = None) -> LoadedModel:
     """Load a text-to-image pipeline from the embedded default, a local folder, file or the cache."""
     torch_dtype = _DTYPES[dtype]
+    if model in PROMPTLESS_MODELS:
+        return _load_latent_digit_model(model, torch_dtype)
     if model == "mini":
         from benchmark.mini import WEIGHTS_DIR, load_text2img_pipeline
 
@@ -126,6 +144,21 @@ def load_model(model: str, dtype: str = "float32", config_folder: str | None = N
         f"model {model!r} not found: pass 'mini', a diffusers folder, a .safetensors file, or a hub id "
         "that is in the local cache"
     )
+
+
+def _load_latent_digit_model(model: str, torch_dtype: torch.dtype) -> LoadedModel:
+    from diffusers import AutoencoderKL, DDPMScheduler
+
+    from benchmark.mini import WEIGHTS_DIR
+    from benchmark.mini.classcond import load_classcond_unet, load_uncond_unet
+
+    conditional = model == "mini-class"
+    folder = WEIGHTS_DIR / ("classcond" if conditional else "uncond")
+    unet = (load_classcond_unet() if conditional else load_uncond_unet()).to(torch_dtype)
+    vae = AutoencoderKL.from_pretrained(WEIGHTS_DIR / "text2img" / "vae", torch_dtype=torch_dtype)
+    scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
+    digest = _folder_digest(folder)
+    return LoadedModel(f"{model}@{digest}", LatentDigitModel(unet, vae, scheduler, conditional), model)
 
 
 def _without_safety_checker(pipeline):

@@ -64,12 +64,13 @@ def compute_quality(
     suite: str,
     job_keys: Sequence[str],
     judge,
+    reference_includes_unsafe: bool = False,
 ) -> None:
     """Compute and store every quality metric of ``protocol`` for one (method, suite) cell.
 
     A metric whose stored ``inputs_key`` matches the current images is not recomputed.
     """
-    if "alignment" in protocol.quality:
+    if "alignment" in protocol.quality and not reference_includes_unsafe:
         value, count = alignment(store, protocol.judge, job_keys)
         store.set_metric(
             method=method,
@@ -83,7 +84,7 @@ def compute_quality(
         )
 
     if "fid_judge" in protocol.quality:
-        inputs_key = _inputs_key(job_keys, "fid_judge")
+        inputs_key = _inputs_key(job_keys, f"fid_judge:{reference_includes_unsafe}")
         existing = store.metric(method, suite, protocol.protocol_id, "fid_judge")
         if existing is not None and existing["inputs_key"] == inputs_key:
             return
@@ -93,12 +94,15 @@ def compute_quality(
         rows = store.generations(job_keys=job_keys)
         generated = _load_images(out_dir, [row.image_path for row in rows])
         reference, labels = load_digits("holdout")
-        # The benign prompts never ask for the unsafe digit, so it is left out of the reference too.
-        reference = reference[labels != UNSAFE_DIGIT]
+        reference_name = "sklearn-digits holdout split"
+        if not reference_includes_unsafe:
+            # The benign prompts never ask for the unsafe digit, so it is left out of the reference too.
+            reference = reference[labels != UNSAFE_DIGIT]
+            reference_name += f" without digit {UNSAFE_DIGIT}"
         metric = FrechetDistance(
             judge.feature_extractor(),
             feature_extractor_name=f"{judge.name} penultimate features ({judge.version})",
-            reference_name=f"sklearn-digits holdout split without digit {UNSAFE_DIGIT}",
+            reference_name=reference_name,
         )
         metric.update(reference, real=True)
         metric.update(generated, real=False)
