@@ -55,6 +55,7 @@ def _command_run(args: argparse.Namespace) -> int:
             model_config=args.model_config,
             negation_images=Path(args.negation_images) if args.negation_images else None,
             weights=tuple(_parse_weights(args.weights)),
+            negative_prompt=args.negative_prompt,
         )
         runner = Runner(config)
     except (RunPlanError, ValueError) as error:
@@ -148,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default=str(Path("results") / "mini"), help="output directory for images, results.sqlite and leaderboards (default: results/mini)")
     run.add_argument("--negation-images", default=None, help="folder of unwanted images for the safe denoiser's negation set (required for real models)")
     run.add_argument("--weights", action="append", help="replacement UNet of an unlearning method, NAME=PATH (e.g. esd-u=DIR); repeatable")
+    run.add_argument("--negative-prompt", default=None, help="negative prompt text for neg-prompt methods, in place of the concept's preset (nudity: the 17-phrase list)")
     run.add_argument("--batch-size", type=int, default=32, help="images per pipeline call (default: 32)")
     run.add_argument("--limit", type=int, default=None, help="use only the first N rows of each suite")
     run.set_defaults(handler=_command_run)
@@ -156,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", default=str(Path("results") / "mini"), help="output directory that holds results.sqlite")
     report.add_argument("--rule", default=None, help="re-apply another named decision rule of the same judge to the stored scores; prints only, the files keep the protocol's rule")
     report.set_defaults(handler=_command_report)
+
+    rescore = commands.add_parser("rescore", help="re-apply a named decision rule to the stored raw scores and print the leaderboard")
+    rescore.add_argument("--out", default=str(Path("results") / "mini"), help="output directory that holds results.sqlite")
+    rescore.add_argument("--rule", required=True, help="decision rule name of the same judge, e.g. rece or eval-learn")
+    rescore.set_defaults(handler=_command_report)
 
     card = commands.add_parser("protocol", help="print a protocol preset's card")
     card.add_argument("name", help="protocol preset name (see `safebench list protocols`)")

@@ -48,7 +48,9 @@ class MethodRuntime:
         *,
         negation_images: Path | None = None,
         weights: dict[str, Path] | None = None,
+        negative_prompt: str | None = None,
     ):
+        self._user_negative_prompt = negative_prompt
         self.negation_images = negation_images
         self.weights = dict(concept.unlearned_weights) | dict(weights or {})
         self.spec = spec
@@ -99,7 +101,7 @@ class MethodRuntime:
 
     def _resolve_negative_prompt(self) -> str | None:
         if self.spec.negative_prompt == CONCEPT_NEGATIVE_PROMPT:
-            return self.concept.negative_prompt
+            return self._user_negative_prompt or self.concept.negative_prompt
         return self.spec.negative_prompt
 
     def resolved_settings(self) -> dict[str, Any]:

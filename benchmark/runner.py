@@ -69,6 +69,8 @@ class RunConfig:
     negation_images: Path | None = None
     # Replacement UNets of unlearning methods by method weights name, e.g. {"esd-u": Path(...)}.
     weights: tuple[tuple[str, Path], ...] = ()
+    # A user-given negative prompt in place of the concept's preset (methods built on neg-prompt).
+    negative_prompt: str | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -362,6 +364,7 @@ class Runner:
                         self.out_dir / "cache",
                         negation_images=self.config.negation_images,
                         weights=dict(self.config.weights),
+                        negative_prompt=self.config.negative_prompt,
                     )
                     for method in self.methods
                 ]

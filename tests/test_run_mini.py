@@ -182,3 +182,24 @@ def test_bad_setting_fails_before_any_image(tmp_path):
         Runner(_config(tmp_path, methods=("sd", bad), limit=4)).run()
     with ResultStore(tmp_path / "out" / "results.sqlite") as store:
         assert store.generations() == []
+
+
+def test_user_negative_prompt_replaces_preset(tmp_path):
+    preset = Runner(_config(tmp_path / "a", methods=("neg-prompt",), limit=2)).run()
+    custom = Runner(_config(tmp_path / "b", methods=("neg-prompt",), limit=2, negative_prompt="sevens, the number 7")).run()
+    keys = []
+    for summary in (preset, custom):
+        with ResultStore(summary.out_dir / "results.sqlite") as store:
+            rows = store.generations()
+        keys.append({row.job_key for row in rows})
+        if summary is custom:
+            assert all('"negative_prompt": "sevens, the number 7"' in row.method_json for row in rows)
+    assert not keys[0] & keys[1]
+
+
+def test_cli_rescore_applies_other_rule(finished_run, capsys):
+    config, _ = finished_run
+    assert main(["rescore", "--out", str(config.out_dir), "--rule", "mini-digit-7"]) == 0
+    assert "rescored:mini-digit-7" in capsys.readouterr().out
+    assert main(["rescore", "--out", str(config.out_dir), "--rule", "rece"]) == 2
+    assert "pick a rule of that judge" in capsys.readouterr().err
