@@ -9,7 +9,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from baselines.esd import ESDConfig, esd_trainable_parameters, main, run_esd, save_esd_unet
-from tests.tiny_models import tiny_sd_pipeline
+from tiny_models import tiny_sd_pipeline
 
 CONCEPT = "cat"
 

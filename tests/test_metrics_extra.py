@@ -38,7 +38,7 @@ from benchmark.metrics.reference import (
     coco_reference_images,
 )
 from benchmark.suites import load_suite
-from tests.tiny_models import tiny_clip_tokenizer
+from tiny_models import tiny_clip_tokenizer
 
 CLIP_IMAGE_SIZE = 32
 

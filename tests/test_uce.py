@@ -14,7 +14,7 @@ from baselines.uce import (
     solve_uce_weight,
     uce_edit,
 )
-from tests.tiny_models import tiny_clip_tokenizer, tiny_sd_pipeline
+from tiny_models import tiny_clip_tokenizer, tiny_sd_pipeline
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from baselines.weights import (
     load_replacement,
     replacement_provenance,
 )
-from tests.tiny_models import tiny_sd_pipeline
+from tiny_models import tiny_sd_pipeline
 
 
 @pytest.fixture(scope="module")
