@@ -14,6 +14,8 @@ from benchmark.methods import DEFAULT_METHODS
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# transformers warns on import that torchvision is missing; this suite never uses torchvision.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 logger = logging.getLogger("benchmark")
 
@@ -42,12 +44,19 @@ def _command_run(args: argparse.Namespace) -> int:
     from reports.leaderboard import build_leaderboard, write_leaderboard
     from benchmark.store import ResultStore
 
+    from benchmark.models import EMBEDDED_MODELS, PROMPTLESS_MODELS
+
+    embedded = args.model in EMBEDDED_MODELS
+    if args.protocol is None and not embedded:
+        print("safebench run: pass --protocol for a real model (see `safebench list protocols`)", file=sys.stderr)
+        return 2
+    default_methods = ("sd", "safe-denoiser") if args.model in PROMPTLESS_MODELS else DEFAULT_METHODS
     try:
         config = RunConfig(
             model=args.model,
-            suites=_split_names(args.suite, ("mini",)),
-            methods=_split_names(args.method, DEFAULT_METHODS),
-            protocol=args.protocol,
+            suites=_split_names(args.suite, (args.model,) if embedded else ()),
+            methods=_split_names(args.method, default_methods),
+            protocol=args.protocol or args.model,
             concept=args.concept,
             out_dir=Path(args.out),
             batch_size=args.batch_size,
@@ -56,6 +65,9 @@ def _command_run(args: argparse.Namespace) -> int:
             negation_images=Path(args.negation_images) if args.negation_images else None,
             weights=tuple(_parse_weights(args.weights)),
             negative_prompt=args.negative_prompt,
+            prompt_column=args.prompt_column,
+            seed_column=args.seed_column,
+            category_column=args.category_column,
         )
         runner = Runner(config)
     except (RunPlanError, ValueError) as error:
@@ -69,8 +81,19 @@ def _command_run(args: argparse.Namespace) -> int:
     except ModelLoadError as error:
         print(f"safebench run: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            f"safebench run: interrupted; finished images are saved in {config.out_dir}. "
+            "Run the same command again to resume.",
+            file=sys.stderr,
+        )
+        return 130
     with ResultStore(config.out_dir / "results.sqlite") as store:
-        leaderboard = build_leaderboard(store, methods=[method.name for method in runner.methods], suites=list(config.suites))
+        leaderboard = build_leaderboard(
+            store,
+            methods=[method.name for method in runner.methods],
+            suites=[suite.spec.name for suite in runner.suites],
+        )
     paths = write_leaderboard(leaderboard, config.out_dir)
     print(leaderboard.to_markdown())
     print(
@@ -140,16 +163,19 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="generate, score and tabulate (resumable)")
-    run.add_argument("--model", default="mini", help="'mini' (embedded), a diffusers folder, a .safetensors file or a cached hub id (default: mini)")
+    run.add_argument("--model", default="mini", help="'mini', 'mini-class' or 'mini-uncond' (embedded), a diffusers folder, a .safetensors file or a cached hub id (default: mini)")
     run.add_argument("--model-config", default=None, help="local diffusers config folder for a single-file checkpoint")
-    run.add_argument("--suite", action="append", help="prompt suite name or CSV/JSONL path; repeat or comma-separate (default: mini)")
+    run.add_argument("--suite", action="append", help="prompt suite name or CSV/JSONL path; repeat or comma-separate (default for an embedded model: the suite of the same name)")
     run.add_argument("--method", action="append", help=f"method names; repeat or comma-separate (default: {','.join(DEFAULT_METHODS)})")
-    run.add_argument("--protocol", default="mini", help="protocol preset name (default: mini)")
+    run.add_argument("--protocol", default=None, help="protocol preset name (default for an embedded model: the preset of the same name)")
     run.add_argument("--concept", default=None, help="unsafe concept the defenses target (default for --model mini: digit-7)")
     run.add_argument("--out", default=str(Path("results") / "mini"), help="output directory for images, results.sqlite and leaderboards (default: results/mini)")
     run.add_argument("--negation-images", default=None, help="folder of unwanted images for the safe denoiser's negation set (required for real models)")
     run.add_argument("--weights", action="append", help="replacement UNet of an unlearning method, NAME=PATH (e.g. esd-u=DIR); repeatable")
     run.add_argument("--negative-prompt", default=None, help="negative prompt text for neg-prompt methods, in place of the concept's preset (nudity: the 17-phrase list)")
+    run.add_argument("--prompt-column", default=None, help="prompt column of a user CSV/JSONL (default: prompt)")
+    run.add_argument("--seed-column", default=None, help="seed column of a user file (default: evaluation_seed, sd_seed or seed; else 42)")
+    run.add_argument("--category-column", default=None, help="category column of a user file; rows whose category is 'benign' score quality, the others ASR")
     run.add_argument("--batch-size", type=int, default=32, help="images per pipeline call (default: 32)")
     run.add_argument("--limit", type=int, default=None, help="use only the first N rows of each suite")
     run.set_defaults(handler=_command_run)

@@ -37,6 +37,8 @@ class Concept:
     # Whether the negation set must come from the user (no images ship for this concept).
     needs_negation_images: bool = False
     safe_denoiser_settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # Per-model replacements of safe_denoiser_settings, keyed by model kind, then by form.
+    safe_denoiser_settings_by_model: Mapping[str, Mapping[str, Mapping[str, Any]]] = field(default_factory=dict)
     # Replacement UNet folders of fine-tuned unlearning methods for this concept's model, by method.
     unlearned_weights: Mapping[str, Path] = field(default_factory=dict)
     # Concepts UCE maps to the empty prompt.
@@ -73,6 +75,13 @@ MINI_DIGIT_7 = Concept(
     safe_denoiser_settings={
         "reference": {"bandwidth": 2.0, "scale": 1.0, "t_min": 300, "gate": None},
         "paper": {"log_eta": 370.0, "t_min": 500, "max_weight": 5.0, "log_beta_threshold": None},
+    },
+    # The text-to-image setting wrecks the other digits of the prompt-less models (scale 1.0 turns most
+    # unconditional samples into 1s); scale 0.5 keeps them. Chosen from a sweep on seeds outside the
+    # mini-class and mini-uncond suites (see the model cards in benchmark/mini/weights/classcond, uncond).
+    safe_denoiser_settings_by_model={
+        "mini-class": {"reference": {"bandwidth": 2.0, "scale": 0.5, "t_min": 300, "gate": None}},
+        "mini-uncond": {"reference": {"bandwidth": 2.0, "scale": 0.5, "t_min": 300, "gate": None}},
     },
     unlearned_weights={"esd-u": Path(baselines.__file__).resolve().parent / "weights" / "mini-esd-u"},
     uce_erase=("7",),

@@ -132,7 +132,8 @@ class MethodRuntime:
                 f"method {self.spec.name!r}: unknown safe denoiser ({form} form) setting(s) {unknown}; "
                 f"valid settings are {sorted(accepted)}"
             )
-        params = dict(self.concept.safe_denoiser_settings.get(form, {}))
+        settings = self.concept.safe_denoiser_settings_by_model.get(self.model.kind, self.concept.safe_denoiser_settings)
+        params = dict(settings.get(form, self.concept.safe_denoiser_settings.get(form, {})))
         overrides = dict(self.spec.safe_denoiser_params)
         if "eta" in overrides:
             params.pop("log_eta", None)

@@ -152,7 +152,7 @@ def base_method_names() -> list[str]:
 
 
 def available_methods() -> list[str]:
-    names = []
+    names = list(SAFE_DENOISER_FORMS)
     for base in _BASE_METHODS:
         names.append(base)
         names.extend(f"{base}+{form}" for form in SAFE_DENOISER_FORMS)

@@ -72,6 +72,9 @@ def compute_quality(
     """
     if "alignment" in protocol.quality and not reference_includes_unsafe:
         value, count = alignment(store, protocol.judge, job_keys)
+    else:
+        count = 0
+    if count:
         store.set_metric(
             method=method,
             suite=suite,
@@ -83,7 +86,7 @@ def compute_quality(
             inputs_key=_inputs_key(job_keys, "alignment"),
         )
 
-    if "fid_judge" in protocol.quality:
+    if "fid_judge" in protocol.quality and len(job_keys) >= 2:
         inputs_key = _inputs_key(job_keys, f"fid_judge:{reference_includes_unsafe}")
         existing = store.metric(method, suite, protocol.protocol_id, "fid_judge")
         if existing is not None and existing["inputs_key"] == inputs_key:

@@ -71,6 +71,10 @@ class RunConfig:
     weights: tuple[tuple[str, Path], ...] = ()
     # A user-given negative prompt in place of the concept's preset (methods built on neg-prompt).
     negative_prompt: str | None = None
+    # Column mapping of user prompt files (registered suites keep their own).
+    prompt_column: str | None = None
+    seed_column: str | None = None
+    category_column: str | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -216,7 +220,13 @@ class Runner:
             raise RunPlanError(f"methods repeat: {list(self.config.methods)}; give each method once")
         suites = []
         for name in self.config.suites:
-            suite = load_suite(name, limit=self.config.limit)
+            suite = load_suite(
+                name,
+                limit=self.config.limit,
+                prompt_column=self.config.prompt_column,
+                seed_column=self.config.seed_column,
+                category_column=self.config.category_column,
+            )
             if len(suite) == 0:
                 raise RunPlanError(f"suite {name!r} has no rows")
             suites.append(suite)

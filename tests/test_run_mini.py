@@ -203,3 +203,18 @@ def test_cli_rescore_applies_other_rule(finished_run, capsys):
     assert "rescored:mini-digit-7" in capsys.readouterr().out
     assert main(["rescore", "--out", str(config.out_dir), "--rule", "rece"]) == 2
     assert "pick a rule of that judge" in capsys.readouterr().err
+
+
+def test_user_file_with_benign_rows(tmp_path, capsys):
+    prompts = tmp_path / "digits.csv"
+    prompts.write_text("text,evaluation_seed,kind\nthe digit three,1,benign\nthe digit seven,2,unsafe\nthe digit five,3,benign\n")
+    code = main([
+        "run", "--suite", str(prompts), "--prompt-column", "text", "--category-column", "kind",
+        "--method", "sd", "--limit", "3", "--out", str(tmp_path / "out"),
+    ])
+    output = capsys.readouterr().out
+    assert code == 0
+    assert "| sd | 1 |" in output
+    with ResultStore(tmp_path / "out" / "results.sqlite") as store:
+        roles = sorted(row.role for row in store.generations())
+    assert roles == ["benign", "benign", "unsafe"]

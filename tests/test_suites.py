@@ -376,7 +376,7 @@ def test_multiline_prompt_keeps_line_numbers(tmp_path):
 MALFORMED_CASES = {
     # name: (file name, contents as bytes, expected column or None, expected line, message part)
     "missing prompt column": (
-        "a.csv", b"text,evaluation_seed\nhello,1\n", "prompt", 1, "pass prompt_column="
+        "a.csv", b"text,evaluation_seed\nhello,1\n", "prompt", 1, "pass --prompt-column NAME"
     ),
     "empty prompt": ("a.csv", b"prompt,evaluation_seed\nhello,1\n  ,2\n", "prompt", 3, "empty"),
     "non-integer seed": (

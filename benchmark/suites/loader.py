@@ -87,7 +87,8 @@ def _resolve_columns(spec: SuiteSpec, table: Table, option_hint: bool) -> _Colum
             if candidate in table.columns:
                 return candidate
         fix = (
-            f"pass {field_name}='<name>' to load_suite (or {field_name}=() for none)"
+            f"pass --{field_name.replace('_', '-')} NAME to safebench run, or {field_name}='<name>' to load_suite "
+            f"(or {field_name}=() for none)"
             if option_hint
             else "the shipped file does not match its suite specification"
         )
