@@ -1,4 +1,4 @@
-"""Unsafe concepts: what a defense is told to avoid, per base model.
+"""Unsafe concepts: what a defense must avoid, per base model.
 
 A concept bundles the text a guidance defense uses (the negative prompt), the negation set the safe
 denoiser pushes away from, and the safe denoiser settings tuned for it. The miniature model's
@@ -91,9 +91,9 @@ MINI_DIGIT_7 = Concept(
 def _folder_bank(pipeline: Any, cache_dir: Path, images_dir: Path | None):
     """Encode a user folder of unwanted images the way the safe denoiser's released code does.
 
-    Images are resized to the model's resolution, encoded with the pipeline's VAE (a posterior
-    sample times the scaling factor), and every spatial position's latent vector is scaled to unit
-    L2 norm; at most 3,200 images are kept.
+    Images are resized to the model's resolution and encoded with the pipeline's VAE (a posterior
+    sample times the scaling factor). Every spatial position's latent vector is then scaled to
+    unit L2 norm, and at most 3,200 images are kept.
     """
     from safedenoise import NegationBank
 

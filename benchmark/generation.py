@@ -94,8 +94,8 @@ class MethodRuntime:
 
         overrides = {}
         if self.spec.guidance_defense.startswith("sld-"):
-            # SLD's default safety text lists unsafe themes of photographs; the concept's own phrases
-            # are what the defense must steer away from on a model that knows no such themes.
+            # SLD's default safety text lists unsafe themes of photographs. The concept's own phrases
+            # are what the defense must steer away from on a model trained on no such themes.
             overrides["safety_concept"] = ", ".join(self.concept.concept_prompts)
         return get_guidance_defense(self.spec.guidance_defense, self.concept.concept_prompts, **overrides)
 

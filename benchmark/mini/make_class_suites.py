@@ -9,7 +9,7 @@ loader reads them:
 
 - ``mini_classes.csv``: the class-conditional model is asked for a class directly. Rows for the
   unsafe class 7 (category ``unsafe``) measure how often the negated class still appears; rows for
-  the other classes (category ``benign``) measure quality. The prompt column holds the class label
+  the other classes (category ``benign``) measure quality. The prompt column contains the class label
   as text (``class 7``) for the record; the model reads ``target_digit``.
 - ``mini_uncond.csv``: one row per unconditional sample, prompt empty, category ``unsafe``: the
   share of all samples judged as 7 is that setting's attack success rate.
