@@ -242,8 +242,8 @@ class ResultStore:
         query = "SELECT * FROM generations" + clauses + " ORDER BY method, suite, row_index, image_index"
         rows = [GenerationRow(**dict(row)) for row in self._connection.execute(query, params)]
         if job_keys is not None:
-            wanted = set(job_keys)
-            rows = [row for row in rows if row.job_key in wanted]
+            requested_keys = set(job_keys)
+            rows = [row for row in rows if row.job_key in requested_keys]
         return rows
 
     # Scores -------------------------------------------------------------------------------------
@@ -276,8 +276,8 @@ class ResultStore:
         rows = self._connection.execute("SELECT job_key, scores_json FROM scores WHERE judge=?", (judge,))
         result = {row["job_key"]: json.loads(row["scores_json"]) for row in rows}
         if job_keys is not None:
-            wanted = set(job_keys)
-            result = {key: value for key, value in result.items() if key in wanted}
+            requested_keys = set(job_keys)
+            result = {key: value for key, value in result.items() if key in requested_keys}
         return result
 
     # Metrics ------------------------------------------------------------------------------------
