@@ -125,6 +125,8 @@ def load_model(model: str, dtype: str = "float32", config_folder: str | None = N
                 "of the same architecture, without weights is enough): pass --model-config DIR, because "
                 "diffusers would otherwise download the config from the hub"
             )
+        # NOTE: this branch has no test yet: building a single-file checkpoint needs a reverse
+        # converter from diffusers' layout to the original one.
         pipeline = StableDiffusionPipeline.from_single_file(
             str(path), config=str(config_folder), torch_dtype=torch_dtype, local_files_only=True
         )
