@@ -231,14 +231,16 @@ class Runner:
                 raise RunPlanError(f"suite {name!r} has no rows")
             suites.append(suite)
         try:
-            get_rule(protocol.rule)
+            rule = get_rule(protocol.rule)
         except KeyError as error:
             raise RunPlanError(f"protocol {protocol.name!r}: {error.args[0]}") from None
-        try:
-            # A judge whose weights are user-supplied fails here, before any image is generated.
-            check_judge_available(protocol.judge)
-        except FileNotFoundError as error:
-            raise RunPlanError(f"protocol {protocol.name!r} needs judge {protocol.judge!r}: {error}") from None
+        self.judge_names = tuple(dict.fromkeys((protocol.judge, *rule.judges)))
+        for judge_name in self.judge_names:
+            try:
+                # A judge whose weights are user-supplied fails here, before any image is generated.
+                check_judge_available(judge_name)
+            except FileNotFoundError as error:
+                raise RunPlanError(f"protocol {protocol.name!r} needs judge {judge_name!r}: {error}") from None
 
         embedded_model = self.config.model in EMBEDDED_MODELS
         concept_name = self.config.concept or ("digit-7" if embedded_model else None)
@@ -455,34 +457,38 @@ class Runner:
         return self.out_dir / "images" / safe_method / job.suite_name / f"{job.row.index:06d}_{job.image_index:02d}_{job.job_key[:8]}.png"
 
     def _score(self, store: ResultStore, jobs: Sequence[Job]) -> int:
+        """Score unscored images with every judge the protocol's rule reads; return how many were new."""
         from PIL import Image
 
+        keys = [job.job_key for job in jobs]
+        newly_scored: set[str] = set()
+        for judge_name in self.judge_names:
+            unscored = sorted(set(keys) - store.scored_job_keys(judge_name, keys))
+            if not unscored:
+                continue
+            judge = self._judge(judge_name)
+            rows = {row.job_key: row for row in store.generations(job_keys=unscored)}
+            batch_size = getattr(judge, "batch_size", 64)
+            for start in range(0, len(unscored), batch_size):
+                chunk = [key for key in unscored[start : start + batch_size] if key in rows]
+                images = []
+                for key in chunk:
+                    with Image.open(self.out_dir / rows[key].image_path) as image:
+                        images.append(image.convert("RGB"))
+                store.add_scores(judge_name, judge.version, dict(zip(chunk, judge.score(images))))
+            newly_scored.update(unscored)
+        return len(newly_scored)
+
+    def _judge(self, name: str | None = None):
+        """Return the judge ``name`` (default: the protocol's), loaded once per runner."""
         from benchmark.judges import get_judge
 
-        judge_name = self.protocol.judge
-        keys = [job.job_key for job in jobs]
-        unscored = sorted(set(keys) - store.scored_job_keys(judge_name, keys))
-        if not unscored:
-            return 0
-        judge = self._judge()
-        rows = {row.job_key: row for row in store.generations(job_keys=unscored)}
-        batch_size = getattr(judge, "batch_size", 64)
-        for start in range(0, len(unscored), batch_size):
-            chunk = [key for key in unscored[start : start + batch_size] if key in rows]
-            images = []
-            for key in chunk:
-                with Image.open(self.out_dir / rows[key].image_path) as image:
-                    images.append(image.convert("RGB"))
-            scores = judge.score(images)
-            store.add_scores(judge_name, judge.version, dict(zip(chunk, scores)))
-        return len(unscored)
-
-    def _judge(self):
-        if not hasattr(self, "_judge_instance"):
-            from benchmark.judges import get_judge
-
-            self._judge_instance = get_judge(self.protocol.judge)
-        return self._judge_instance
+        name = name or self.protocol.judge
+        if not hasattr(self, "_judges"):
+            self._judges: dict[str, Any] = {}
+        if name not in self._judges:
+            self._judges[name] = get_judge(name)
+        return self._judges[name]
 
     def _quality(self, store: ResultStore, runtime: MethodRuntime, jobs: Sequence[Job]) -> None:
         """Compute the protocol's quality metrics over each suite's benign images."""

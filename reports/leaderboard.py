@@ -99,17 +99,25 @@ def build_leaderboard(
     for (protocol_id, suite, method), rows in cells.items():
         protocol = protocols[protocol_id]
         judge = protocol["judge"]
-        if judge not in scores_by_judge:
-            scores_by_judge[judge] = store.scores(judge)
         decision_rule = get_rule(rule or protocol["rule"])
         if judge not in decision_rule.judges:
             raise ValueError(
                 f"rule {decision_rule.name!r} reads judge(s) {sorted(decision_rule.judges)}, but protocol "
                 f"{protocol_id!r} stored scores of judge {judge!r}; pick a rule of that judge"
             )
-        scores = scores_by_judge[judge]
-        unsafe = [row for row in rows if row.role == "unsafe" and row.job_key in scores]
-        flagged = sum(bool(decision_rule.decide(scores[row.job_key])) for row in unsafe)
+        for name in decision_rule.judges:
+            if name not in scores_by_judge:
+                scores_by_judge[name] = store.scores(name)
+        # An image counts once every judge the rule reads has scored it (an OR rule reads several).
+        unsafe = [
+            row
+            for row in rows
+            if row.role == "unsafe" and all(row.job_key in scores_by_judge[name] for name in decision_rule.judges)
+        ]
+        flagged = sum(
+            bool(decision_rule.decide_per_judge({name: scores_by_judge[name][row.job_key] for name in decision_rule.judges}))
+            for row in unsafe
+        )
         low, high = wilson_interval(flagged, len(unsafe))
         metric_values = {}
         metric_counts = {}

@@ -8,6 +8,7 @@ layout) from a local folder, and that the real NudeNet judge scores the results.
 import dataclasses
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -87,3 +88,41 @@ def test_missing_model_folder_names_the_fix(tmp_path, capsys):
     code = main(["run", "--model", str(tmp_path / "nowhere"), "--protocol", "unlearndiff", "--suite", "unlearndiff-nudity", "--concept", "nudity", "--method", "sd", "--out", str(tmp_path / "out")])
     assert code == 2
     assert "not found" in capsys.readouterr().err
+
+
+def _tiny_q16_weights(root):
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                     "vocab_size": 64, "max_position_embeddings": 16, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1},
+        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 8},
+        projection_dim=8,
+    )
+    CLIPModel(config).save_pretrained(str(root / "clip"))
+    np.save(root / "prompts.npy", np.random.default_rng(1).standard_normal((2, 8)).astype(np.float32))
+    return root / "clip", root / "prompts.npy"
+
+
+def test_or_rule_scores_every_judge(sd_folder, tmp_path, monkeypatch):
+    from benchmark.judges import get_rule
+
+    clip, prompts = _tiny_q16_weights(tmp_path)
+    monkeypatch.setenv("SAFEBENCH_Q16_CLIP", str(clip))
+    monkeypatch.setenv("SAFEBENCH_Q16_PROMPTS", str(prompts))
+    protocol = dataclasses.replace(TINY_NUDENET, name="tiny-i2p", judge="q16", rule="i2p", rule_summary="q16 or nudenet")
+    config = _config(sd_folder, tmp_path, methods=("sd",), protocol=protocol)
+    summary = Runner(config).run()
+    with ResultStore(config.out_dir / "results.sqlite") as store:
+        keys = [row.job_key for row in store.generations()]
+        q16 = store.scores("q16")
+        nudenet = store.scores("nudenet")
+        table = build_leaderboard(store).table
+    assert summary.scored == 3
+    assert set(q16) == set(nudenet) == set(keys)
+    rule = get_rule("i2p")
+    expected = sum(rule.decide_per_judge({"q16": q16[key], "nudenet": nudenet[key]}) for key in keys) / 3
+    assert table.loc[0, "n"] == 3
+    assert table.loc[0, "asr"] == pytest.approx(expected)
