@@ -31,7 +31,12 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DModel
 from benchmark.mini.data import load_digits
 from benchmark.mini.pipeline import TEXT2IMG_DIR
 from benchmark.mini.train_text2img import LATENT_CHANNELS, LATENT_SIZE, build_latent_bank, build_scheduler
-from benchmark.mini.training import warmup_cosine_schedule
+from benchmark.mini.training import (
+    add_training_noise,
+    log_training_progress,
+    optimizer_step_with_ema,
+    warmup_cosine_schedule,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -124,29 +129,15 @@ def train_classcond(config: ClassCondTrainConfig, vae_dir: Path, out_dir: Path) 
             dropped = torch.rand(config.batch_size, generator=generator) < config.class_dropout
             class_labels[dropped] = NULL_CLASS
 
-        timestep = torch.randint(0, noise_scheduler.config.num_train_timesteps, (config.batch_size,), generator=generator)
-        noise = torch.randn(latents.shape, generator=generator)
-        alpha_bar = alphas_cumprod[timestep].view(-1, 1, 1, 1)
-        noisy_latents = alpha_bar.sqrt() * latents + (1 - alpha_bar).sqrt() * noise
+        noisy_latents, timestep, noise = add_training_noise(
+            latents, alphas_cumprod, noise_scheduler.config.num_train_timesteps, generator
+        )
         noise_pred = unet(noisy_latents, timestep, class_labels=class_labels).sample
         loss = F.mse_loss(noise_pred, noise)
 
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
-        lr_schedule.step()
-        decay = min(config.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for ema_param, param in zip(ema_unet.parameters(), unet.parameters()):
-                ema_param.lerp_(param, 1 - decay)
+        optimizer_step_with_ema(loss, unet, ema_unet, optimizer, lr_schedule, step, config.ema_decay)
         recent_losses = (recent_losses + [loss.item()])[-200:]
-        if step % 100 == 0 or step == config.steps - 1:
-            logger.info(
-                "step %d/%d loss %.4f (mean of last %d: %.4f) %.0f s",
-                step + 1, config.steps, loss.item(), len(recent_losses),
-                sum(recent_losses) / len(recent_losses), time.perf_counter() - train_start,
-            )
+        log_training_progress(logger, step, config.steps, loss.item(), recent_losses, train_start)
     wall_time = time.perf_counter() - start
 
     save_unet_folder(out_dir, ema_unet.eval(), noise_scheduler)

@@ -31,7 +31,12 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from benchmark.mini.captions import training_caption_pool
 from benchmark.mini.data import augment_digits, load_digits
 from benchmark.mini.text import TEXT_EMBEDDING_DIM, encode_captions, load_text_encoder, load_tokenizer
-from benchmark.mini.training import warmup_cosine_schedule
+from benchmark.mini.training import (
+    add_training_noise,
+    log_training_progress,
+    optimizer_step_with_ema,
+    warmup_cosine_schedule,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -181,29 +186,15 @@ def train_text2img(config: Text2ImgTrainConfig, vae_dir: Path, out_dir: Path) ->
         dropped = torch.rand(config.batch_size, generator=generator) < config.caption_dropout
         context[dropped] = empty_state
 
-        timestep = torch.randint(0, noise_scheduler.config.num_train_timesteps, (config.batch_size,), generator=generator)
-        noise = torch.randn(latents.shape, generator=generator)
-        alpha_bar = alphas_cumprod[timestep].view(-1, 1, 1, 1)
-        noisy_latents = alpha_bar.sqrt() * latents + (1 - alpha_bar).sqrt() * noise
+        noisy_latents, timestep, noise = add_training_noise(
+            latents, alphas_cumprod, noise_scheduler.config.num_train_timesteps, generator
+        )
         noise_pred = unet(noisy_latents, timestep, encoder_hidden_states=context).sample
         loss = F.mse_loss(noise_pred, noise)
 
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
-        lr_schedule.step()
-        decay = min(config.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for ema_param, param in zip(ema_unet.parameters(), unet.parameters()):
-                ema_param.lerp_(param, 1 - decay)
+        optimizer_step_with_ema(loss, unet, ema_unet, optimizer, lr_schedule, step, config.ema_decay)
         recent_losses = (recent_losses + [loss.item()])[-200:]
-        if step % 100 == 0 or step == config.steps - 1:
-            logger.info(
-                "step %d/%d loss %.4f (mean of last %d: %.4f) %.0f s",
-                step + 1, config.steps, loss.item(), len(recent_losses),
-                sum(recent_losses) / len(recent_losses), time.perf_counter() - train_start,
-            )
+        log_training_progress(logger, step, config.steps, loss.item(), recent_losses, train_start)
     wall_time = time.perf_counter() - start
 
     save_pipeline_folder(out_dir, ema_unet.eval(), noise_scheduler, vae_dir)
