@@ -181,12 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=_command_run)
 
     report = commands.add_parser("report", help="rebuild leaderboard.md and leaderboard.csv from a results store")
-    report.add_argument("--out", default=str(Path("results") / "mini"), help="output directory that holds results.sqlite")
+    report.add_argument("--out", default=str(Path("results") / "mini"), help="output directory that contains results.sqlite")
     report.add_argument("--rule", default=None, help="re-apply another named decision rule of the same judge to the stored scores; prints only, the files keep the protocol's rule")
     report.set_defaults(handler=_command_report)
 
     rescore = commands.add_parser("rescore", help="re-apply a named decision rule to the stored raw scores and print the leaderboard")
-    rescore.add_argument("--out", default=str(Path("results") / "mini"), help="output directory that holds results.sqlite")
+    rescore.add_argument("--out", default=str(Path("results") / "mini"), help="output directory that contains results.sqlite")
     rescore.add_argument("--rule", required=True, help="decision rule name of the same judge, e.g. rece or eval-learn")
     rescore.set_defaults(handler=_command_report)
 

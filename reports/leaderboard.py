@@ -80,7 +80,7 @@ def build_leaderboard(
     """Aggregate the store into one row per (protocol, suite, method).
 
     ``rule`` replaces each protocol's decision rule with another named rule of the same judge,
-    applied to the stored raw scores; the protocol column then says which rule was used.
+    applied to the stored raw scores. The protocol column then names the rule used.
     """
     from benchmark.judges import get_rule
 

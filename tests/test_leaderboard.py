@@ -71,7 +71,8 @@ def test_protocols_get_separate_tables(tmp_path):
         board = build_leaderboard(store)
     markdown = board.to_markdown()
     assert markdown.count("Protocol: `") == 2
-    assert MINI.protocol_id in markdown and other.protocol_id in markdown
+    assert MINI.protocol_id in markdown
+    assert other.protocol_id in markdown
     paths = write_leaderboard(board, tmp_path)
     assert [path.name for path in paths] == ["leaderboard.md", "leaderboard.csv"]
     header = paths[1].read_text().splitlines()[0].split(",")

@@ -1,6 +1,6 @@
 """Real-model path: a tiny Stable Diffusion pipeline saved as a diffusers folder, judged by NudeNet.
 
-The pipeline is randomly initialised, so the images are noise; what is tested is that every defense
+The pipeline is randomly initialised, so the images are noise. The tests check that every defense
 kind loads and runs on SD-shaped modules (CLIP text encoder, 77-token prompts, SD's VAE and UNet
 layout) from a local folder, and that the real NudeNet judge scores the results.
 """

@@ -335,7 +335,7 @@ def load_fid_inception(
     state_dict = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state_dict, dict):
         raise ValueError(
-            f"FID Inception: {path} holds a {type(state_dict).__name__}; expected a state dict "
+            f"FID Inception: {path} contains a {type(state_dict).__name__}; expected a state dict "
             f"(a dict of tensors) such as {WEIGHTS_FILENAME}"
         )
     used = _check_state_dict_keys(model, state_dict, path)
