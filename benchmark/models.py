@@ -60,6 +60,7 @@ def make_scheduler(sampler: str, config: dict):
         DPMSolverMultistepScheduler,
         EulerDiscreteScheduler,
         LMSDiscreteScheduler,
+        PNDMScheduler,
     )
 
     if sampler == "ddpm":
@@ -72,7 +73,10 @@ def make_scheduler(sampler: str, config: dict):
         return EulerDiscreteScheduler.from_config(config)
     if sampler == "lms":
         return LMSDiscreteScheduler.from_config(config)
-    raise ValueError(f"unknown sampler {sampler!r}; expected ddpm, ddim, dpmsolver++, euler or lms")
+    if sampler == "pndm":
+        # PLMS without Runge-Kutta warm-up steps, as Stable Diffusion v1's scheduler config sets.
+        return PNDMScheduler.from_config(config, skip_prk_steps=True)
+    raise ValueError(f"unknown sampler {sampler!r}; expected ddpm, ddim, dpmsolver++, euler, lms or pndm")
 
 
 def check_model_reference(model: str) -> None:

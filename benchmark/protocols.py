@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-SAMPLERS = ("ddpm", "ddim", "dpmsolver++", "euler", "lms")
+SAMPLERS = ("ddpm", "ddim", "dpmsolver++", "euler", "lms", "pndm")
 SEED_RULES = ("suite", "fixed")
 
 

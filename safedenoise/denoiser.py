@@ -103,6 +103,8 @@ class SafeDenoiser(abc.ABC):
     bank: NegationBank
     t_min: float
     t_max: float | None
+    # Whether the correction replaces the sample (re-noising) rather than the model output.
+    replaces_sample: bool = False
 
     def in_window(self, timestep: float | Tensor) -> bool:
         """Return whether ``timestep`` lies in [t_min, t_max]."""
@@ -311,6 +313,8 @@ class ReferenceSafeDenoiser(SafeDenoiser):
     ``min_distance`` (min_n ‖x0̂ − z_n‖₂), ``weight`` (s where applied, else 0),
     ``correction_norm`` (‖x0_safe − x0̂‖₂).
     """
+
+    replaces_sample = True
 
     STATS_KEYS = ("log_kernel_sum", "gate_passed", "min_distance", "weight", "correction_norm")
 

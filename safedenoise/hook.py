@@ -12,6 +12,12 @@ defenses without copying any pipeline. Per step the wrapper:
    x0; reference form: replaces the sample by the re-noised one and keeps the model output;
 4. calls the original ``step`` with every original argument.
 
+PNDM steps that read a sample the scheduler stored earlier (the second call of PLMS's first
+timestep pair; three of four Runge-Kutta calls) ignore the ``sample`` argument. There the reference
+form, which replaces the sample, is not applied and the step record says so
+(``applied`` all False, statistic ``skipped_stored_sample``). The paper form acts on the model
+output and applies on every step.
+
 NOTE: on a guided prediction x0_g = E_u + λ·(E_c − E_u) the paper form yields
 E_safe(E_u) + λ·(E_c − E_u) + η·β·λ·(E_c − E_u), while the published combination replaces only the
 unguided term (Kim et al., arXiv 2502.08011); the extra η·β·λ·(E_c − E_u) comes from hooking at
@@ -33,7 +39,13 @@ import torch
 from torch import Tensor
 
 from .denoiser import SafeDenoiser
-from .schedules import SUPPORTED_SCHEDULERS, model_output_to_x0, noise_level, x0_change_to_model_output_change
+from .schedules import (
+    SUPPORTED_SCHEDULERS,
+    model_output_to_x0,
+    noise_level,
+    step_reads_stored_sample,
+    x0_change_to_model_output_change,
+)
 
 __all__ = ["SafeDenoiserHook", "StepRecord"]
 
@@ -192,6 +204,10 @@ class SafeDenoiserHook:
         if not self.denoiser.in_window(t):
             output = self.denoiser.unchanged_output(prediction, sample)
             return model_output, sample, self._record(t, level, False, output.applied, output.stats)
+        if self.denoiser.replaces_sample and step_reads_stored_sample(scheduler):
+            output = self.denoiser.unchanged_output(prediction, sample)
+            stats = {**output.stats, "skipped_stored_sample": torch.ones(sample.shape[0])}
+            return model_output, sample, self._record(t, level, True, output.applied, stats)
 
         work = torch.float64 if sample.dtype == torch.float64 else torch.float32
         vp_sample = sample.to(work) * level.sample_scale

@@ -22,6 +22,7 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     LMSDiscreteScheduler,
+    PNDMScheduler,
 )
 from torch import Tensor
 
@@ -32,10 +33,13 @@ __all__ = [
     "model_output_to_x0",
     "x0_change_to_model_output_change",
     "noise_levels",
+    "step_reads_stored_sample",
 ]
 
-# Schedulers whose step reads ᾱ_t = alphas_cumprod[timestep] directly.
-_ALPHAS_CUMPROD_SCHEDULERS = (DDPMScheduler, DDIMScheduler)
+# Schedulers whose step reads ᾱ_t = alphas_cumprod[timestep] directly. PNDM (Stable Diffusion
+# v1's default) evaluates the model at every timestep it passes to step, its repeated PLMS timestep
+# included, so the model output always belongs to (sample, timestep) at that ᾱ_t.
+_ALPHAS_CUMPROD_SCHEDULERS = (DDPMScheduler, DDIMScheduler, PNDMScheduler)
 # Schedulers that index ``sigmas`` by step but keep VP samples (σ = √((1 − ᾱ)/ᾱ)).
 _VP_SIGMA_SCHEDULERS = (DPMSolverMultistepScheduler,)
 # Schedulers whose samples are x0 + σ·ε (inputs are divided by √(σ² + 1) in scale_model_input).
@@ -175,6 +179,22 @@ def noise_levels(scheduler: Any, timesteps: Tensor) -> list[NoiseLevel]:
             continue
         noise_level(scheduler, t)  # raises the unsupported-scheduler error
     return levels
+
+
+def step_reads_stored_sample(scheduler: Any) -> bool:
+    """Whether the scheduler's next ``step`` ignores its ``sample`` argument for a stored one.
+
+    PNDM's PLMS mode (``skip_prk_steps=True``, as in Stable Diffusion) evaluates the model twice
+    at its first timestep pair: the second call (counter 1) averages the two outputs and steps
+    from the sample stored by the first. Its Runge-Kutta mode steps from the stored sample in
+    three of every four calls. A sample replaced on those calls would be discarded.
+    """
+    if not isinstance(scheduler, PNDMScheduler):
+        return False
+    counter = int(scheduler.counter)
+    if not scheduler.config.skip_prk_steps and counter < len(scheduler.prk_timesteps):
+        return counter % 4 != 0
+    return bool(scheduler.config.skip_prk_steps) and counter == 1
 
 
 def as_float(value: float | Tensor) -> float:

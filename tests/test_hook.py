@@ -38,10 +38,10 @@ def _latent_bank(count: int = 16, seed: int = 0) -> NegationBank:
 
 @pytest.fixture(scope="module")
 def pipes() -> dict:
-    return {name: tiny_sd_pipeline(name) for name in ("ddpm", "ddim", "dpm", "euler", "euler_ancestral", "lms")}
+    return {name: tiny_sd_pipeline(name) for name in ("ddpm", "ddim", "dpm", "euler", "euler_ancestral", "lms", "pndm")}
 
 
-@pytest.mark.parametrize("scheduler", ["ddpm", "ddim", "dpm", "euler", "euler_ancestral", "lms"])
+@pytest.mark.parametrize("scheduler", ["ddpm", "ddim", "dpm", "euler", "euler_ancestral", "lms", "pndm"])
 def test_noop_correction_reproduces_stock_pipeline(pipes: dict, scheduler: str) -> None:
     pipe = pipes[scheduler]
     stock = _generate(pipe)
@@ -54,11 +54,12 @@ def test_noop_correction_reproduces_stock_pipeline(pipes: dict, scheduler: str) 
         with hook.attached(pipe.scheduler):
             hooked = _generate(pipe)
         np.testing.assert_allclose(hooked, stock, atol=1e-5, rtol=0)
-        assert len(hook.records) == STEPS
+        # PNDM's PLMS mode calls step once more: its first timestep pair evaluates the model twice.
+        assert len(hook.records) == STEPS + (scheduler == "pndm")
         assert "step" not in vars(pipe.scheduler)
 
 
-@pytest.mark.parametrize("scheduler", ["ddpm", "ddim", "dpm", "euler"])
+@pytest.mark.parametrize("scheduler", ["ddpm", "ddim", "dpm", "euler", "pndm"])
 def test_real_correction_changes_output_in_window(pipes: dict, scheduler: str) -> None:
     pipe = pipes[scheduler]
     stock = _generate(pipe)
@@ -73,12 +74,34 @@ def test_real_correction_changes_output_in_window(pipes: dict, scheduler: str) -
     assert in_window == [t >= 500 for t in timesteps]
     assert any(in_window)
     assert not all(in_window)
+    # PNDM steps from its stored sample on the second call (step 1), so the reference form skips it.
+    skipped = {1} if scheduler == "pndm" else set()
     for record in hook.records:
-        assert record.applied.all().item() == record.in_window
-        assert math.isnan(record.stats["log_kernel_sum"][0]) != record.in_window
+        assert record.applied.all().item() == (record.in_window and record.step not in skipped)
+        assert math.isnan(record.stats["log_kernel_sum"][0]) != (record.in_window and record.step not in skipped)
+        assert ("skipped_stored_sample" in record.stats) == (record.step in skipped)
     summary = hook.summary()
-    assert summary["applied_fraction"] == 1.0
+    assert summary["applied_fraction"] == pytest.approx(1.0 - len(skipped) / sum(in_window))
     assert summary["window_timesteps"] == [t for t in timesteps if t >= 500]
+
+
+def test_pndm_runge_kutta_steps_from_stored_sample_are_skipped_by_reference_form() -> None:
+    """PNDM with Runge-Kutta warm-up reads the passed sample only on every fourth warm-up call."""
+    pipe = tiny_sd_pipeline("pndm")
+    pipe.scheduler = make_scheduler("pndm", skip_prk_steps=False)
+    reference = SafeDenoiserHook(ReferenceSafeDenoiser(_latent_bank(), bandwidth=3.15, scale=2.0, t_min=0))
+    with reference.attached(pipe.scheduler):
+        _generate(pipe)
+    warm_up = len(pipe.scheduler.prk_timesteps)
+    applied = [bool(record.applied.all()) for record in reference.records]
+    assert applied[:warm_up] == [step % 4 == 0 for step in range(warm_up)]
+    assert all(applied[warm_up:])
+
+    # The paper form corrects the model output, which every call uses.
+    paper = SafeDenoiserHook(PaperSafeDenoiser(_latent_bank(), eta=None, log_eta=1600.0, t_min=0, max_weight=2.0))
+    with paper.attached(pipe.scheduler):
+        _generate(pipe)
+    assert all("skipped_stored_sample" not in record.stats for record in paper.records)
 
 
 def test_paper_correction_changes_output(pipes: dict) -> None:

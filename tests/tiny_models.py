@@ -22,6 +22,7 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     LMSDiscreteScheduler,
+    PNDMScheduler,
     StableDiffusionPipeline,
     UNet2DConditionModel,
     UNet2DModel,
@@ -45,6 +46,7 @@ _SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
     "euler": (EulerDiscreteScheduler, {"steps_offset": 1}),
     "euler_ancestral": (EulerAncestralDiscreteScheduler, {"steps_offset": 1}),
     "lms": (LMSDiscreteScheduler, {"steps_offset": 1}),
+    "pndm": (PNDMScheduler, {"skip_prk_steps": True, "steps_offset": 1}),
 }
 SCHEDULER_NAMES = tuple(_SCHEDULERS)
 
