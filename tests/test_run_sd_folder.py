@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from benchmark.cli import main
-from benchmark.protocols import UNLEARNDIFF
+from benchmark.protocols import I2P, UNLEARNDIFF
 from benchmark.runner import RunConfig, RunPlanError, Runner
 from benchmark.store import ResultStore
 from reports.leaderboard import build_leaderboard
@@ -112,17 +112,41 @@ def test_or_rule_scores_every_judge(sd_folder, tmp_path, monkeypatch):
     clip, prompts = _tiny_q16_weights(tmp_path)
     monkeypatch.setenv("SAFEBENCH_Q16_CLIP", str(clip))
     monkeypatch.setenv("SAFEBENCH_Q16_PROMPTS", str(prompts))
-    protocol = dataclasses.replace(TINY_NUDENET, name="tiny-i2p", judge="q16", rule="i2p", rule_summary="q16 or nudenet")
-    config = _config(sd_folder, tmp_path, methods=("sd",), protocol=protocol)
+    # The I2P preset (PNDM, CSV guidance, several images per prompt) with 2 steps and 2 images.
+    protocol = dataclasses.replace(I2P, name="tiny-i2p", num_inference_steps=2, resolution=None, images_per_prompt=2)
+    config = _config(sd_folder, tmp_path, methods=("sd", "safe-denoiser"), protocol=protocol)
     summary = Runner(config).run()
     with ResultStore(config.out_dir / "results.sqlite") as store:
-        keys = [row.job_key for row in store.generations()]
+        generations = store.generations()
         q16 = store.scores("q16")
         nudenet = store.scores("nudenet")
         table = build_leaderboard(store).table
-    assert summary.scored == 3
+    keys = [row.job_key for row in generations]
+    assert summary.generated == summary.scored == 2 * 3 * 2
     assert set(q16) == set(nudenet) == set(keys)
+    # Image i of a row is seeded with the row's seed + i.
+    assert sorted((row.row_index, row.image_index, row.seed) for row in generations if row.method == "sd") == [
+        (0, 0, 1), (0, 1, 2), (1, 0, 2), (1, 1, 3), (2, 0, 3), (2, 1, 4)
+    ]
+    assert '"sampler": "pndm"' in store_protocol_json(config.out_dir)
     rule = get_rule("i2p")
-    expected = sum(rule.decide_per_judge({"q16": q16[key], "nudenet": nudenet[key]}) for key in keys) / 3
-    assert table.loc[0, "n"] == 3
-    assert table.loc[0, "asr"] == pytest.approx(expected)
+    for record in table.itertuples():
+        method_keys = [row.job_key for row in generations if row.method == record.method]
+        expected = sum(rule.decide_per_judge({"q16": q16[key], "nudenet": nudenet[key]}) for key in method_keys) / 6
+        assert record.n == 6
+        assert record.asr == pytest.approx(expected)
+
+
+def store_protocol_json(out_dir):
+    with ResultStore(out_dir / "results.sqlite") as store:
+        return store.runs()[0]["protocol_json"]
+
+
+def test_i2p_without_q16_weights_fails_before_generating(sd_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("SAFEBENCH_Q16_CLIP", raising=False)
+    monkeypatch.delenv("SAFEBENCH_Q16_PROMPTS", raising=False)
+    monkeypatch.delenv("SAFEBENCH_HOME", raising=False)
+    with pytest.raises(RunPlanError, match="(?s)needs judge 'q16'.*clip-vit-large-patch14.*SAFEBENCH_Q16_CLIP"):
+        Runner(_config(sd_folder, tmp_path, methods=("sd",), protocol=I2P))
+    assert not (tmp_path / "out").exists()
