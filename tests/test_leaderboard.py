@@ -1,6 +1,5 @@
 """Leaderboard aggregation: ASR from raw scores, Wilson intervals, ordering, per-protocol tables."""
 
-import json
 import math
 import time
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
+from transformers import CLIPImageProcessorPil, CLIPModel
 
 from benchmark.metrics.clip_score import ClipScore, ClipScoreResult
 from benchmark.metrics.inception import (
@@ -38,17 +38,9 @@ from benchmark.metrics.reference import (
     coco_reference_images,
 )
 from benchmark.suites import load_suite
-from tiny_models import tiny_clip_tokenizer
+from tiny_models import save_stand_in_inception, save_tiny_clip, smooth_images, tiny_clip_tokenizer
 
 CLIP_IMAGE_SIZE = 32
-
-
-def smooth_images(count: int, seed: int, brightness: float = 0.5) -> torch.Tensor:
-    """Return (count, 3, 32, 32) images in [0, 1]: upsampled 4x4 noise around ``brightness``."""
-    generator = torch.Generator().manual_seed(seed)
-    coarse = brightness + 0.25 * torch.randn(count, 3, 4, 4, generator=generator)
-    images = torch.nn.functional.interpolate(coarse, size=(32, 32), mode="bilinear", align_corners=False)
-    return images.clamp(0.0, 1.0)
 
 
 # --- FID Inception -----------------------------------------------------------------------------
@@ -56,21 +48,7 @@ def smooth_images(count: int, seed: int, brightness: float = 0.5) -> torch.Tenso
 
 @pytest.fixture(scope="module")
 def inception_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Save a random FIDInceptionV3 with calibrated BatchNorm, plus a 1008-way fc as in the real file."""
-    torch.manual_seed(0)
-    model = FIDInceptionV3()
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.momentum = None  # running statistics become the statistics of the batch
-    model.train()
-    with torch.no_grad():
-        model(smooth_images(4, seed=100))
-    state_dict = {key: value for key, value in model.state_dict().items() if "num_batches_tracked" not in key}
-    state_dict["fc.weight"] = torch.zeros(1008, NUM_FEATURES)
-    state_dict["fc.bias"] = torch.zeros(1008)
-    path = tmp_path_factory.mktemp("inception") / WEIGHTS_FILENAME
-    torch.save(state_dict, path)
-    return path
+    return save_stand_in_inception(tmp_path_factory.mktemp("inception") / WEIGHTS_FILENAME)
 
 
 @pytest.fixture(scope="module")
@@ -231,38 +209,7 @@ def test_kid_too_few_images_error() -> None:
 
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tokenizer = tiny_clip_tokenizer()
-    torch.manual_seed(0)
-    config = CLIPConfig(
-        text_config={
-            "vocab_size": len(tokenizer),
-            "hidden_size": 32,
-            "intermediate_size": 37,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "max_position_embeddings": 77,
-            "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id,
-        },
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 37,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "image_size": CLIP_IMAGE_SIZE,
-            "patch_size": 8,
-        },
-        projection_dim=16,
-    )
-    folder = tmp_path_factory.mktemp("tiny-clip")
-    CLIPModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": CLIP_IMAGE_SIZE}, crop_size={"height": CLIP_IMAGE_SIZE, "width": CLIP_IMAGE_SIZE}
-    )
-    image_processor.save_pretrained(folder)
-    return folder
+    return save_tiny_clip(tmp_path_factory.mktemp("tiny-clip"), image_size=CLIP_IMAGE_SIZE)
 
 
 def direct_cosines(clip_dir: Path, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:

@@ -6,7 +6,7 @@ import pytest
 
 from benchmark.cli import main
 from benchmark.judges import get_rule
-from benchmark.protocols import MINI, PROTOCOLS, Protocol, get_protocol
+from benchmark.protocols import MINI, PROTOCOLS, get_protocol
 
 
 @pytest.mark.parametrize("name", sorted(PROTOCOLS))

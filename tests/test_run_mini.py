@@ -1,7 +1,6 @@
 """End-to-end runs on the embedded miniature model: leaderboard, resume, crash safety, plan checks."""
 
 import dataclasses
-import sqlite3
 
 import numpy as np
 import pytest

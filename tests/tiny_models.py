@@ -6,10 +6,13 @@ image resolution, so a 32×32 image has 4×16×16 latents. Its text encoder is a
 vocabulary is the 256 byte symbols, with and without the end-of-word suffix, and the two special
 tokens.
 ``tiny_ddpm_pipeline`` is an unconditional DDPMPipeline on 3×16×16 pixels.
+``save_stand_in_inception`` and ``save_tiny_clip`` write stand-in metric weights in the formats the
+real files have: a random FID Inception-v3 state dict, and a tiny CLIP ``save_pretrained`` folder.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,7 +32,16 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-__all__ = ["SCHEDULER_NAMES", "make_scheduler", "tiny_clip_tokenizer", "tiny_sd_pipeline", "tiny_ddpm_pipeline"]
+__all__ = [
+    "SCHEDULER_NAMES",
+    "make_scheduler",
+    "save_stand_in_inception",
+    "save_tiny_clip",
+    "smooth_images",
+    "tiny_clip_tokenizer",
+    "tiny_ddpm_pipeline",
+    "tiny_sd_pipeline",
+]
 
 # Stable Diffusion v1's noise schedule.
 _SD_SCHEDULE = {
@@ -150,3 +162,71 @@ def tiny_ddpm_pipeline(seed: int = 0, scheduler: str = "ddpm") -> DDPMPipeline:
     pipe = DDPMPipeline(unet=unet.eval(), scheduler=make_scheduler(scheduler, steps_offset=0))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def smooth_images(count: int, seed: int, brightness: float = 0.5) -> torch.Tensor:
+    """Return (count, 3, 32, 32) images in [0, 1]: upsampled 4x4 noise around ``brightness``."""
+    generator = torch.Generator().manual_seed(seed)
+    coarse = brightness + 0.25 * torch.randn(count, 3, 4, 4, generator=generator)
+    images = torch.nn.functional.interpolate(coarse, size=(32, 32), mode="bilinear", align_corners=False)
+    return images.clamp(0.0, 1.0)
+
+
+def save_stand_in_inception(path: Path) -> Path:
+    """Save a random FIDInceptionV3 in pytorch-fid's state-dict layout, with a 1008-way fc as in the real file.
+
+    Its BatchNorm statistics are set from one batch so that its features do not vanish.
+    """
+    from benchmark.metrics.inception import NUM_FEATURES, FIDInceptionV3
+
+    torch.manual_seed(0)
+    model = FIDInceptionV3()
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None  # running statistics become the statistics of the batch
+    model.train()
+    with torch.no_grad():
+        model(smooth_images(4, seed=100))
+    state_dict = {key: value for key, value in model.state_dict().items() if "num_batches_tracked" not in key}
+    state_dict["fc.weight"] = torch.zeros(1008, NUM_FEATURES)
+    state_dict["fc.bias"] = torch.zeros(1008)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state_dict, path)
+    return path
+
+
+def save_tiny_clip(folder: Path, image_size: int = 32) -> Path:
+    """Save a tiny random CLIP model, its byte-level tokenizer and image processor into ``folder``."""
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
+
+    tokenizer = tiny_clip_tokenizer()
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 77,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "image_size": image_size,
+            "patch_size": 8,
+        },
+        projection_dim=16,
+    )
+    CLIPModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    image_processor.save_pretrained(folder)
+    return folder

@@ -49,6 +49,31 @@ IMPLEMENTATION = (
     "CLIPModel, tokenizer truncation to the text context"
 )
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+MODEL_ENV_VAR = "SAFEBENCH_CLIP_SCORE_MODEL"
+DEFAULT_MODEL_FOLDER = "clip-vit-base-patch32"
+
+
+def resolve_clip_model_dir(model_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Find the CLIP score model folder and check that it holds a saved model.
+
+    The places searched, in order: ``model_dir``, the ``SAFEBENCH_CLIP_SCORE_MODEL`` environment
+    variable, then ``$SAFEBENCH_HOME/metrics/clip-vit-base-patch32`` (``SAFEBENCH_HOME`` defaults
+    to ``~/.cache/safebench``). An explicit path is not replaced by a later place.
+
+    Raises:
+        FileNotFoundError: the folder or one of its files is missing; the message says where to
+            put what.
+    """
+    from benchmark.metrics.inception import metrics_cache_dir
+
+    if model_dir is not None:
+        folder = Path(model_dir).expanduser()
+    elif os.environ.get(MODEL_ENV_VAR):
+        folder = Path(os.environ[MODEL_ENV_VAR]).expanduser()
+    else:
+        folder = metrics_cache_dir() / DEFAULT_MODEL_FOLDER
+    _check_model_dir(folder)
+    return folder
 
 
 @dataclass(frozen=True)
@@ -136,7 +161,11 @@ def _check_model_dir(model_dir: Path) -> Path:
         "then copy the folder here"
     )
     if not model_dir.is_dir():
-        raise FileNotFoundError(f"CLIP score: model folder {model_dir} not found. {how_to}")
+        raise FileNotFoundError(
+            f"CLIP score: model folder {model_dir} not found. Pass the folder (safebench run "
+            f"--clip-model DIR), set {MODEL_ENV_VAR}, or put it at "
+            f"$SAFEBENCH_HOME/metrics/{DEFAULT_MODEL_FOLDER}. {how_to}"
+        )
     missing = [name for name in ("config.json", "preprocessor_config.json") if not (model_dir / name).is_file()]
     weights = [model_dir / name for name in _WEIGHT_FILES if (model_dir / name).is_file()]
     if not weights:

@@ -36,7 +36,13 @@ WEIGHTS_URL = (
     "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + WEIGHTS_FILENAME
 )
 WEIGHTS_ENV_VAR = "SAFEBENCH_FID_INCEPTION"
-DEFAULT_WEIGHTS_DIR = Path("~/.cache/safebench/metrics")
+
+
+def metrics_cache_dir() -> Path:
+    """Return the folder where metric weights are looked up: ``$SAFEBENCH_HOME/metrics``."""
+    from benchmark.judges.weights import safebench_home
+
+    return safebench_home() / "metrics"
 NUM_FEATURES = 2048
 INPUT_SIZE = (299, 299)
 RESIZE_POLICY = (
@@ -246,8 +252,9 @@ def resolve_inception_weights(weights_path: str | os.PathLike[str] | None = None
 
     The places searched, in order: ``weights_path`` (a file, or a folder holding
     ``pt_inception-2015-12-05-6726825d.pth``), the ``SAFEBENCH_FID_INCEPTION`` environment
-    variable (same forms), then ``~/.cache/safebench/metrics/``. An explicit path that does not
-    exist raises at once and is not replaced by a later place.
+    variable (same forms), then ``$SAFEBENCH_HOME/metrics/`` (``SAFEBENCH_HOME`` defaults to
+    ``~/.cache/safebench``). An explicit path that does not exist raises at once and is not
+    replaced by a later place.
 
     Raises:
         InceptionWeightsNotFoundError: the file is at none of the places searched.
@@ -262,7 +269,7 @@ def resolve_inception_weights(weights_path: str | os.PathLike[str] | None = None
         source = "the default folder"
         candidate = None
 
-    searched = candidate if candidate is not None else DEFAULT_WEIGHTS_DIR.expanduser()
+    searched = candidate if candidate is not None else metrics_cache_dir()
     if searched.is_dir():
         searched = searched / WEIGHTS_FILENAME
     if searched.is_file():
@@ -273,7 +280,7 @@ def resolve_inception_weights(weights_path: str | os.PathLike[str] | None = None
         f"The file is pytorch-fid's {WEIGHTS_FILENAME} (the TensorFlow FID Inception graph "
         f"converted to PyTorch), published at {WEIGHTS_URL}. "
         "It is not downloaded automatically: copy it to "
-        f"{DEFAULT_WEIGHTS_DIR / WEIGHTS_FILENAME}, or set {WEIGHTS_ENV_VAR} to its path, or pass "
+        f"{metrics_cache_dir() / WEIGHTS_FILENAME}, or set {WEIGHTS_ENV_VAR} to its path, or pass "
         "weights_path."
     )
 
