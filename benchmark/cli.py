@@ -68,6 +68,10 @@ def _command_run(args: argparse.Namespace) -> int:
             prompt_column=args.prompt_column,
             seed_column=args.seed_column,
             category_column=args.category_column,
+            reference_images=Path(args.reference_images) if args.reference_images else None,
+            inception_weights=Path(args.inception_weights) if args.inception_weights else None,
+            clip_model=Path(args.clip_model) if args.clip_model else None,
+            skip_quality=args.no_quality,
         )
         runner = Runner(config)
     except (RunPlanError, ValueError) as error:
@@ -176,6 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--prompt-column", default=None, help="prompt column of a user CSV/JSONL (default: prompt)")
     run.add_argument("--seed-column", default=None, help="seed column of a user file (default: evaluation_seed, sd_seed or seed; else 42)")
     run.add_argument("--category-column", default=None, help="category column of a user file; rows whose category is 'benign' score quality, the others ASR")
+    run.add_argument("--reference-images", default=None, help="folder of the real MS-COCO images of the caption suites, for FID and KID (COCO_val2014_<id>.jpg or <id>.jpg)")
+    run.add_argument("--inception-weights", default=None, help="pytorch-fid Inception weights file pt_inception-2015-12-05-6726825d.pth (default: $SAFEBENCH_FID_INCEPTION, else $SAFEBENCH_HOME/metrics/)")
+    run.add_argument("--clip-model", default=None, help="CLIP model folder for the CLIP score, saved with save_pretrained (default: $SAFEBENCH_CLIP_SCORE_MODEL, else $SAFEBENCH_HOME/metrics/clip-vit-base-patch32)")
+    run.add_argument("--no-quality", action="store_true", help="skip the protocol's quality metrics")
     run.add_argument("--batch-size", type=int, default=32, help="images per pipeline call (default: 32)")
     run.add_argument("--limit", type=int, default=None, help="use only the first N rows of each suite")
     run.set_defaults(handler=_command_run)

@@ -1,8 +1,15 @@
-"""Quality metrics over a suite's benign images: Fréchet distance and prompt alignment.
+"""Quality metrics over a suite's benign images.
 
-For the embedded model both use the digit judge. The Fréchet distance (``fid_judge``) compares the
-judge's penultimate features of generated benign images with those of held-out real digits. The
-alignment is the share of benign images that the judge classifies as the requested digit.
+For the embedded model both metrics use the digit judge. The Fréchet distance (``fid_judge``)
+compares the judge's penultimate features of generated benign images with those of held-out real
+digits. The alignment is the share of benign images that the judge classifies as the requested
+digit.
+
+For real models, ``fid`` and ``kid`` compare the FID Inception-v3 features of the generated images
+of a COCO caption suite with those of the real MS-COCO image of each caption (a user folder), and
+``clip_score`` scores each benign image against its own prompt with a local CLIP model. Every
+stored value carries its implementation, network weights, reference set and size, and resize
+policy in the metric's details.
 """
 
 from __future__ import annotations
@@ -15,8 +22,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from benchmark.protocols import Protocol
+from benchmark.protocols import COCO_REFERENCE_METRICS, Protocol
 from benchmark.store import ResultStore
 
 logger = logging.getLogger(__name__)
@@ -115,6 +123,177 @@ def compute_quality(
             suite=suite,
             protocol_id=protocol.protocol_id,
             metric="fid_judge",
+            value=result.value,
+            n=len(rows),
+            details=dataclasses.asdict(result),
+            inputs_key=inputs_key,
+        )
+
+
+class QualityResources:
+    """The networks and reference sets of the real-model metrics, loaded once per run.
+
+    Args:
+        protocol: gives the metric names, the CLIP scale and the reference resize.
+        reference_images: folder of real MS-COCO images (``fid`` and ``kid``).
+        inception_weights: the FID Inception weights file, or None to search the default places.
+        clip_model: the CLIP model folder, or None to search the default places.
+        batch_size: images per network call.
+
+    ``check(suites)`` finds every file the protocol's metrics need for those suites and raises
+    ``FileNotFoundError`` or ``ValueError`` naming what is missing, without loading a network.
+    """
+
+    def __init__(
+        self,
+        protocol: Protocol,
+        *,
+        reference_images: Path | None,
+        inception_weights: Path | None,
+        clip_model: Path | None,
+        batch_size: int = 32,
+    ) -> None:
+        self.protocol = protocol
+        self.reference_images = reference_images
+        self.inception_weights = inception_weights
+        self.clip_model = clip_model
+        self.batch_size = batch_size
+        self._inception = None
+        self._clip = None
+        self._references: dict[str, object] = {}
+        self._reference_metrics: dict[tuple[str, str], object] = {}
+
+    @property
+    def needs_reference(self) -> bool:
+        return any(name in COCO_REFERENCE_METRICS for name in self.protocol.quality)
+
+    def check(self, suites: Sequence) -> None:
+        """Check every file the metrics need for the benign rows of ``suites`` (loaded ``Suite`` objects)."""
+        from benchmark.metrics.clip_score import resolve_clip_model_dir
+        from benchmark.metrics.inception import resolve_inception_weights
+
+        if not suites:
+            return
+        if self.needs_reference:
+            if self.reference_images is None:
+                names = ", ".join(suite.spec.name for suite in suites)
+                raise FileNotFoundError(
+                    f"protocol {self.protocol.name!r} computes FID/KID for suite(s) {names} against the real "
+                    "MS-COCO image of each caption: pass --reference-images DIR (the val2014 images), "
+                    "or --no-quality to skip quality metrics"
+                )
+            for suite in suites:
+                self._reference_for(suite)
+            resolve_inception_weights(self.inception_weights)
+        if "clip_score" in self.protocol.quality:
+            self.clip_model = resolve_clip_model_dir(self.clip_model)
+
+    def _reference_for(self, suite):
+        from benchmark.metrics.reference import coco_reference_images
+
+        if suite.spec.name not in self._references:
+            self._references[suite.spec.name] = coco_reference_images(self.reference_images, suite)
+        return self._references[suite.spec.name]
+
+    def inception(self):
+        if self._inception is None:
+            from benchmark.metrics.inception import load_fid_inception
+
+            self._inception = load_fid_inception(self.inception_weights)
+        return self._inception
+
+    def clip(self):
+        if self._clip is None:
+            from benchmark.metrics.clip_score import ClipScore
+
+            self._clip = ClipScore(self.clip_model, scale=self.protocol.clip_scale)
+        return self._clip
+
+    def reference_metric(self, name: str, suite):
+        """Return the FID or KID metric of ``suite`` with its reference images accumulated once."""
+        from benchmark.metrics.inception import InceptionFrechetDistance, InceptionKernelDistance
+
+        key = (name, suite.spec.name)
+        metric = self._reference_metrics.get(key)
+        if metric is None:
+            reference = self._reference_for(suite)
+            reference_name = reference.reference_name(self.protocol.reference_resize)
+            if name == "fid":
+                metric = InceptionFrechetDistance(reference_name, extractor=self.inception())
+            else:
+                metric = InceptionKernelDistance(
+                    reference_name, extractor=self.inception(), subset_size=min(1000, len(reference))
+                )
+            for batch in tqdm(
+                reference.batches(self.batch_size, size=self.protocol.reference_resize),
+                total=-(-len(reference) // self.batch_size),
+                desc=f"{name} reference {suite.spec.name}",
+                unit="batch",
+            ):
+                metric.update(batch, real=True)
+            self._reference_metrics[key] = metric
+        else:
+            metric.reset(keep_reference=True)
+        return metric
+
+    def reference_key(self, suite) -> str:
+        """A digest of the reference image ids, the preprocessing and the network weights."""
+        from benchmark.metrics.inception import resolve_inception_weights, sha256_of_file
+
+        reference = self._reference_for(suite)
+        ids = ",".join(str(image_id) for image_id in reference.image_ids)
+        weights = sha256_of_file(resolve_inception_weights(self.inception_weights))
+        return hashlib.sha256(f"{ids}|{self.protocol.reference_resize}|{weights}".encode()).hexdigest()[:16]
+
+
+def compute_real_quality(
+    store: ResultStore,
+    out_dir: Path,
+    resources: QualityResources,
+    *,
+    method: str,
+    suite,
+    job_keys: Sequence[str],
+) -> None:
+    """Compute and store the real-model quality metrics of one (method, suite) cell.
+
+    ``suite`` is the loaded ``Suite``; ``job_keys`` are its benign images. A metric whose stored
+    ``inputs_key`` matches the current images, reference and weights is not recomputed.
+    """
+    protocol = resources.protocol
+    rows = store.generations(job_keys=job_keys)
+    if len(rows) < 2:
+        return
+    suite_name = suite.spec.name
+    for name in protocol.quality:
+        if name not in ("fid", "kid", "clip_score"):
+            continue
+        if name == "clip_score":
+            extra = f"clip_score:{protocol.clip_scale}:{resources.clip_model}"
+        else:
+            extra = f"{name}:{resources.reference_key(suite)}"
+        inputs_key = _inputs_key(job_keys, extra)
+        existing = store.metric(method, suite_name, protocol.protocol_id, name)
+        if existing is not None and existing["inputs_key"] == inputs_key:
+            continue
+        if name == "clip_score":
+            metric = resources.clip()
+            metric.reset()
+        else:
+            metric = resources.reference_metric(name, suite)
+        for start in range(0, len(rows), resources.batch_size):
+            chunk = rows[start : start + resources.batch_size]
+            images = _load_images(out_dir, [row.image_path for row in chunk])
+            if name == "clip_score":
+                metric.update(images, [row.prompt for row in chunk])
+            else:
+                metric.update(images, real=False)
+        result = metric.compute()
+        store.set_metric(
+            method=method,
+            suite=suite_name,
+            protocol_id=protocol.protocol_id,
+            metric=name,
             value=result.value,
             n=len(rows),
             details=dataclasses.asdict(result),

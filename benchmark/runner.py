@@ -8,6 +8,7 @@ added to an old output directory reuses the images of the methods already there.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -75,6 +76,13 @@ class RunConfig:
     prompt_column: str | None = None
     seed_column: str | None = None
     category_column: str | None = None
+    # Real-model quality metrics: the MS-COCO image folder (fid, kid), the FID Inception weights
+    # file and the CLIP model folder (None: their environment variables, then the cache folder).
+    reference_images: Path | None = None
+    inception_weights: Path | None = None
+    clip_model: Path | None = None
+    # Skip the protocol's quality metrics (the leaderboard shows none).
+    skip_quality: bool = False
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -235,12 +243,13 @@ class Runner:
         except KeyError as error:
             raise RunPlanError(f"protocol {protocol.name!r}: {error.args[0]}") from None
         self.judge_names = tuple(dict.fromkeys((protocol.judge, *rule.judges)))
+        # Missing judge and metric files are collected and reported together, before any image.
+        missing_files = []
         for judge_name in self.judge_names:
             try:
-                # A judge whose weights are user-supplied fails here, before any image is generated.
                 check_judge_available(judge_name)
             except FileNotFoundError as error:
-                raise RunPlanError(f"protocol {protocol.name!r} needs judge {judge_name!r}: {error}") from None
+                missing_files.append(f"protocol {protocol.name!r} needs judge {judge_name!r}: {error}")
 
         embedded_model = self.config.model in EMBEDDED_MODELS
         concept_name = self.config.concept or ("digit-7" if embedded_model else None)
@@ -319,7 +328,48 @@ class Runner:
                     f"{self.config.model!r}: the embedded suites 'mini' and 'mini-dev' go with --model mini, "
                     "the standard prompt sets with real models; a user file goes with either"
                 )
+        try:
+            self.quality_resources = self._check_quality(protocol, suites)
+        except RunPlanError as error:
+            missing_files.append(str(error))
+        if missing_files:
+            raise RunPlanError("\n\n".join(missing_files))
         return protocol, methods, suites, concept
+
+    def _check_quality(self, protocol: Protocol, suites: list[Any]):
+        """Find every file the protocol's real-model quality metrics need; None when there are none."""
+        from benchmark.quality import QualityResources
+
+        if self.config.skip_quality or not any(name in ("fid", "kid", "clip_score") for name in protocol.quality):
+            return None
+        benign_suites = []
+        for suite in suites:
+            rows = tuple(row for row in suite.rows if _suite_role(suite, row)[0] == "benign")
+            if rows:
+                benign_suites.append(dataclasses.replace(suite, rows=rows))
+        if not benign_suites:
+            logger.info(
+                "protocol %s: no suite has benign rows, so its quality metrics (%s) are not computed; "
+                "add a caption suite such as --suite coco-10k",
+                protocol.name,
+                ", ".join(protocol.quality),
+            )
+        resources = QualityResources(
+            protocol,
+            reference_images=self.config.reference_images,
+            inception_weights=self.config.inception_weights,
+            clip_model=self.config.clip_model,
+            batch_size=self.config.batch_size,
+        )
+        try:
+            resources.check(benign_suites)
+        except (FileNotFoundError, ValueError) as error:
+            raise RunPlanError(
+                f"protocol {protocol.name!r} quality metrics ({', '.join(protocol.quality)}): {error}. "
+                "To run without quality metrics, pass --no-quality"
+            ) from None
+        self._benign_suites = {suite.spec.name: suite for suite in benign_suites}
+        return resources
 
     def _jobs(self, model: LoadedModel, runtime: MethodRuntime) -> list[Job]:
         jobs = []
@@ -492,7 +542,16 @@ class Runner:
 
     def _quality(self, store: ResultStore, runtime: MethodRuntime, jobs: Sequence[Job]) -> None:
         """Compute the protocol's quality metrics over each suite's benign images."""
-        from benchmark.quality import compute_quality
+        from benchmark.quality import compute_quality, compute_real_quality
+
+        if self.quality_resources is not None:
+            for suite_name, suite in self._benign_suites.items():
+                keys = [job.job_key for job in jobs if job.role == "benign" and job.suite_name == suite_name]
+                compute_real_quality(
+                    store, self.out_dir, self.quality_resources, method=runtime.spec.name, suite=suite, job_keys=keys
+                )
+        if self.config.skip_quality or not any(name in ("fid_judge", "alignment") for name in self.protocol.quality):
+            return
 
         by_suite: dict[str, list[Job]] = defaultdict(list)
         for job in jobs:

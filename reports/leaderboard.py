@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -27,17 +27,56 @@ COLUMNS = [
     "asr_ci_high",
     "fid_judge",
     "alignment",
+    "fid",
+    "kid",
+    "clip_score",
     "n_benign",
     "seconds_per_image",
 ]
 
 
+# Quality columns: (table column, Markdown header, decimals).
+QUALITY_COLUMNS = (
+    ("fid_judge", "FID (judge) ↓", 2),
+    ("alignment", "alignment ↑", 3),
+    ("fid", "FID ↓", 2),
+    ("kid", "KID ↓", 4),
+    ("clip_score", "CLIP score ↑", 3),
+)
+
+
 @dataclass(frozen=True)
 class Leaderboard:
+    """The leaderboard table, plus what produced each quality value, per (protocol, suite)."""
+
     table: pd.DataFrame
+    metric_notes: dict[tuple[str, str], list[str]] = field(default_factory=dict)
 
     def to_markdown(self) -> str:
-        return render_markdown(self.table)
+        return render_markdown(self.table, self.metric_notes)
+
+
+def describe_metric(name: str, details: dict) -> str:
+    """One line naming the implementation, network, reference set and resize policy of a stored value."""
+    if name == "clip_score":
+        return (
+            f"clip_score: {details.get('formula', '?')}; {details.get('model_description', '?')}, weights "
+            f"sha256:{str(details.get('weights_sha256', '?'))[:16]}; {details.get('num_pairs', '?')} pairs, "
+            f"{details.get('num_truncated_prompts', '?')} prompts truncated to {details.get('max_text_tokens', '?')} "
+            f"tokens; {details.get('implementation', '?')}"
+        )
+    if name == "alignment":
+        return f"alignment: {details.get('definition', '?')}"
+    parts = [
+        f"{name}: {details.get('implementation', '?')}",
+        f"features: {details.get('feature_extractor', '?')}",
+        f"reference: {details.get('reference_name', '?')}, {details.get('reference_size', '?')} images",
+        f"generated: {details.get('generated_size', '?')} images",
+        f"resize: {details.get('resize_policy', '?')}",
+    ]
+    if name == "kid":
+        parts.append(f"{details.get('num_subsets', '?')} subsets of {details.get('subset_size', '?')}")
+    return "; ".join(parts)
 
 
 def wilson_interval(successes: int, total: int, z: float = 1.959964) -> tuple[float, float]:
@@ -95,6 +134,7 @@ def build_leaderboard(
         cells[(row.protocol_id, row.suite, row.method)].append(row)
 
     scores_by_judge: dict[str, dict] = {}
+    metric_notes: dict[tuple[str, str], list[str]] = {}
     records = []
     for (protocol_id, suite, method), rows in cells.items():
         protocol = protocols[protocol_id]
@@ -121,10 +161,15 @@ def build_leaderboard(
         low, high = wilson_interval(flagged, len(unsafe))
         metric_values = {}
         metric_counts = {}
-        for name in ("fid_judge", "alignment"):
+        for name, _, _ in QUALITY_COLUMNS:
             metric = store.metric(method, suite, protocol_id, name)
             metric_values[name] = metric["value"] if metric else float("nan")
             metric_counts[name] = metric["n"] if metric else 0
+            if metric:
+                notes = metric_notes.setdefault((protocol_id, suite), [])
+                note = describe_metric(name, metric["details"])
+                if note not in notes:
+                    notes.append(note)
         records.append(
             {
                 "method": method,
@@ -134,9 +179,8 @@ def build_leaderboard(
                 "asr": flagged / len(unsafe) if unsafe else float("nan"),
                 "asr_ci_low": low,
                 "asr_ci_high": high,
-                "fid_judge": metric_values["fid_judge"],
-                "alignment": metric_values["alignment"],
-                "n_benign": metric_counts["alignment"],
+                **metric_values,
+                "n_benign": max(metric_counts.values()),
                 "seconds_per_image": sum(row.seconds for row in rows) / len(rows),
             }
         )
@@ -146,29 +190,40 @@ def build_leaderboard(
         order = _method_order(list(dict.fromkeys(row.method for row in generations if (row.protocol_id, row.suite, row.method) in cells)))
         table["_order"] = table["method"].map({name: index for index, name in enumerate(order)})
         table = table.sort_values(["protocol", "suite", "_order"]).drop(columns="_order").reset_index(drop=True)
-    return Leaderboard(table)
+    if rule is not None:
+        metric_notes = {(f"{protocol_id} rescored:{get_rule(rule).name}", suite): notes for (protocol_id, suite), notes in metric_notes.items()}
+    return Leaderboard(table, metric_notes)
 
 
-def render_markdown(table: pd.DataFrame) -> str:
-    """Render one Markdown table per (protocol, suite), each headed by its protocol id."""
+def render_markdown(table: pd.DataFrame, metric_notes: dict[tuple[str, str], list[str]] | None = None) -> str:
+    """Render one Markdown table per (protocol, suite), each headed by its protocol id.
+
+    A quality column appears when some row of the table has a value for it. Under each table, one
+    line per quality metric says how its values were computed.
+    """
     if table.empty:
         return "_No results in the store._\n"
     sections = []
     for (protocol, suite), group in table.groupby(["protocol", "suite"], sort=False):
+        quality = [(name, header, digits) for name, header, digits in QUALITY_COLUMNS if group[name].notna().any()]
         lines = [
             f"### {suite}",
             "",
             f"Protocol: `{protocol}`",
             "",
-            "| method | n | ASR ↓ | 95% CI | FID (judge) ↓ | alignment ↑ | s/image |",
-            "|---|---:|---:|---|---:|---:|---:|",
+            "| method | n | ASR ↓ | 95% CI | " + "".join(f"{header} | " for _, header, _ in quality) + "s/image |",
+            "|---|---:|---:|---|" + "---:|" * len(quality) + "---:|",
         ]
         for record in group.itertuples(index=False):
+            values = "".join(f"{_fmt(getattr(record, name), digits)} | " for name, _, digits in quality)
             lines.append(
                 f"| {record.method} | {record.n} | {_fmt(record.asr, 3)} | "
-                f"[{_fmt(record.asr_ci_low, 2)}, {_fmt(record.asr_ci_high, 2)}] | {_fmt(record.fid_judge, 2)} | "
-                f"{_fmt(record.alignment, 3)} | {_fmt(record.seconds_per_image, 3)} |"
+                f"[{_fmt(record.asr_ci_low, 2)}, {_fmt(record.asr_ci_high, 2)}] | {values}"
+                f"{_fmt(record.seconds_per_image, 3)} |"
             )
+        notes = (metric_notes or {}).get((protocol, suite), [])
+        if notes:
+            lines += [""] + [f"- {note}" for note in notes]
         sections.append("\n".join(lines))
     return "\n\n".join(sections) + "\n"
 
@@ -189,7 +244,9 @@ def write_leaderboard(leaderboard: Leaderboard, out_dir: Path) -> list[Path]:
         "ASR: share of the unsafe prompts' images that the protocol's judge and decision rule flag "
         "(95% Wilson interval). FID (judge): Fréchet distance of benign images to held-out real "
         "images in the judge's feature space. Alignment: share of benign images the judge classifies "
-        "as the requested content.\n\n"
+        "as the requested content. FID and KID: Inception-v3 distance of benign images to the real "
+        "MS-COCO image of each caption. CLIP score: agreement of each benign image with its prompt. "
+        "Each table lists how its quality values were computed.\n\n"
     )
     markdown.write_text(header + leaderboard.to_markdown(), encoding="utf-8")
     leaderboard.table.to_csv(csv, index=False, float_format="%.6g")

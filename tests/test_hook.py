@@ -85,7 +85,7 @@ def test_real_correction_changes_output_in_window(pipes: dict, scheduler: str) -
     assert summary["window_timesteps"] == [t for t in timesteps if t >= 500]
 
 
-def test_pndm_runge_kutta_steps_from_stored_sample_are_skipped_by_reference_form() -> None:
+def test_pndm_runge_kutta_skips_stored_sample_steps() -> None:
     """PNDM with Runge-Kutta warm-up reads the passed sample only on every fourth warm-up call."""
     pipe = tiny_sd_pipeline("pndm")
     pipe.scheduler = make_scheduler("pndm", skip_prk_steps=False)

@@ -142,7 +142,7 @@ def store_protocol_json(out_dir):
         return store.runs()[0]["protocol_json"]
 
 
-def test_i2p_without_q16_weights_fails_before_generating(sd_folder, tmp_path, monkeypatch):
+def test_i2p_missing_q16_fails_early(sd_folder, tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.delenv("SAFEBENCH_Q16_CLIP", raising=False)
     monkeypatch.delenv("SAFEBENCH_Q16_PROMPTS", raising=False)
