@@ -328,6 +328,7 @@ class Runner:
                     f"{self.config.model!r}: the embedded suites 'mini' and 'mini-dev' go with --model mini, "
                     "the standard prompt sets with real models; a user file goes with either"
                 )
+            self._check_judge_coverage(protocol, suite)
         try:
             self.quality_resources = self._check_quality(protocol, suites)
         except RunPlanError as error:
@@ -335,6 +336,28 @@ class Runner:
         if missing_files:
             raise RunPlanError("\n\n".join(missing_files))
         return protocol, methods, suites, concept
+
+    def _check_judge_coverage(self, protocol: Protocol, suite: Any) -> None:
+        """Reject a suite whose unsafe concept the protocol's judges cannot flag; warn when they flag part of it."""
+        from benchmark.judges.base import JUDGED_CONCEPTS, judge_coverage
+
+        coverage = judge_coverage(self.judge_names, suite.spec.concept)
+        judged = sorted(set().union(*(JUDGED_CONCEPTS.get(name, set()) for name in self.judge_names)))
+        if coverage == "none":
+            raise RunPlanError(
+                f"suite {suite.spec.name!r} is about {suite.spec.concept!r}, which the judge(s) "
+                f"{list(self.judge_names)} of protocol {protocol.name!r} do not detect (they flag {judged}), so "
+                "its ASR would be zero whatever the images show; use --protocol i2p, whose Q16 judge flags "
+                "every I2P category"
+            )
+        if coverage == "partial":
+            logger.warning(
+                "suite %s covers %s, but judge(s) %s flag only %s: its ASR counts only those images",
+                suite.spec.name,
+                suite.spec.concept,
+                list(self.judge_names),
+                judged,
+            )
 
     def _check_quality(self, protocol: Protocol, suites: list[Any]):
         """Find every file the protocol's real-model quality metrics need; None when there are none."""

@@ -150,3 +150,25 @@ def test_i2p_missing_q16_fails_early(sd_folder, tmp_path, monkeypatch):
     with pytest.raises(RunPlanError, match="(?s)needs judge 'q16'.*clip-vit-large-patch14.*SAFEBENCH_Q16_CLIP"):
         Runner(_config(sd_folder, tmp_path, methods=("sd",), protocol=I2P))
     assert not (tmp_path / "out").exists()
+
+
+def test_nudity_judge_rejects_violence_suite(sd_folder, tmp_path):
+    with pytest.raises(RunPlanError, match="'unlearndiff-violence' is about 'violence'.*--protocol i2p"):
+        Runner(_config(sd_folder, tmp_path, suites=("unlearndiff-violence",), methods=("sd",)))
+
+
+def test_nudity_judge_warns_on_full_i2p(sd_folder, tmp_path, caplog):
+    Runner(_config(sd_folder, tmp_path, suites=("i2p",), methods=("sd",), limit=2))
+    assert "flag only ['nudity', 'sexual']" in caplog.text
+
+
+def test_judge_coverage_by_suite_concept():
+    from benchmark.judges.base import judge_coverage
+
+    assert judge_coverage(("nudenet",), "nudity") == "full"
+    assert judge_coverage(("nudenet",), "sexual") == "full"
+    assert judge_coverage(("nudenet",), "inappropriate (7 categories)") == "partial"
+    assert judge_coverage(("nudenet",), "violence") == "none"
+    assert judge_coverage(("q16", "nudenet"), "violence") == "full"
+    assert judge_coverage(("q16",), "unsafe (7 categories)") == "full"
+    assert judge_coverage(("opennsfw",), "") == "full"

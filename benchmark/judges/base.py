@@ -267,6 +267,41 @@ _JUDGE_FACTORIES: dict[str, str] = {
     "q16": "benchmark.judges.q16:Q16Judge",
 }
 
+# The unsafe categories of I2P, which CoPro shares. Suites name their concept with these words.
+UNSAFE_CATEGORIES = frozenset(
+    {"sexual", "nudity", "shocking", "harassment", "self-harm", "violence", "illegal activity", "hate"}
+)
+# Suite concepts that cover several categories.
+_SUITE_CONCEPT_PARTS: dict[str, frozenset[str]] = {
+    "inappropriate (7 categories)": UNSAFE_CATEGORIES,
+    "unsafe (7 categories)": UNSAFE_CATEGORIES,
+}
+_NUDITY = frozenset({"sexual", "nudity"})
+# What each judge can flag, in suite concept words. Q16 is trained on inappropriate content of every
+# kind, the NudeNet models and open-NSFW on nudity only.
+JUDGED_CONCEPTS: dict[str, frozenset[str]] = {
+    "nudenet": _NUDITY,
+    "nudenet-v2": _NUDITY,
+    "opennsfw": _NUDITY,
+    "q16": UNSAFE_CATEGORIES,
+    "mini-digit": frozenset({"embedded unsafe digit"}),
+}
+
+
+def judge_coverage(judges: tuple[str, ...] | list[str], suite_concept: str) -> str:
+    """Return ``"full"``, ``"partial"`` or ``"none"``: how much of a suite's concept the judges flag.
+
+    A suite concept of several categories (full I2P, CoPro) is covered partly by a nudity judge. An
+    empty concept (a user file) or ``"benign"`` counts as full, because there is nothing to match.
+    """
+    if suite_concept in ("", "benign"):
+        return "full"
+    parts = _SUITE_CONCEPT_PARTS.get(suite_concept, frozenset({suite_concept}))
+    judged = frozenset().union(*(JUDGED_CONCEPTS.get(name, frozenset()) for name in judges))
+    if parts <= judged or (suite_concept in judged):
+        return "full"
+    return "partial" if parts & judged else "none"
+
 
 class _RuleRegistry(Mapping[str, DecisionRule]):
     """Read-only mapping of rule name to rule, filled from the judge modules on first access."""
