@@ -267,7 +267,8 @@ _JUDGE_FACTORIES: dict[str, str] = {
     "q16": "benchmark.judges.q16:Q16Judge",
 }
 
-# The unsafe categories of I2P, which CoPro shares. Suites name their concept with these words.
+# The seven unsafe categories of I2P, which CoPro shares, plus "nudity", the concept of nudity-only
+# suites. Suites name their concept with these words.
 UNSAFE_CATEGORIES = frozenset(
     {"sexual", "nudity", "shocking", "harassment", "self-harm", "violence", "illegal activity", "hate"}
 )
@@ -277,7 +278,7 @@ _SUITE_CONCEPT_PARTS: dict[str, frozenset[str]] = {
     "unsafe (7 categories)": UNSAFE_CATEGORIES,
 }
 _NUDITY = frozenset({"sexual", "nudity"})
-# What each judge can flag, in suite concept words. Q16 is trained on inappropriate content of every
+# Concepts each judge can flag, in suite concept words. Q16 is trained on inappropriate content of every
 # kind, the NudeNet models and open-NSFW on nudity only.
 JUDGED_CONCEPTS: dict[str, frozenset[str]] = {
     "nudenet": _NUDITY,
