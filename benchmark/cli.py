@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -39,6 +40,24 @@ def _parse_weights(values: list[str] | None) -> list[tuple[str, Path]]:
     return pairs
 
 
+def _parse_settings(values: list[str] | None) -> dict[str, dict[str, object]]:
+    """Parse ``--set COMPONENT.SETTING=VALUE`` options; VALUE is read as JSON, else kept as text."""
+    overrides: dict[str, dict[str, object]] = {}
+    for item in values or []:
+        key, separator, text = item.partition("=")
+        component, dot, setting = key.strip().rpartition(".")
+        if not separator or not dot or not component or not setting:
+            raise ValueError(
+                f"--set {item!r}: expected COMPONENT.SETTING=VALUE, e.g. --set safe-denoiser.scale=0.5"
+            )
+        try:
+            value: object = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        overrides.setdefault(component, {})[setting] = value
+    return overrides
+
+
 def _command_run(args: argparse.Namespace) -> int:
     from benchmark.runner import RunConfig, RunPlanError, Runner
     from reports.leaderboard import build_leaderboard, write_leaderboard
@@ -52,10 +71,20 @@ def _command_run(args: argparse.Namespace) -> int:
         return 2
     default_methods = ("sd", "safe-denoiser") if args.model in PROMPTLESS_MODELS else DEFAULT_METHODS
     try:
+        methods: tuple = _split_names(args.method, default_methods)
+        overrides = _parse_settings(args.set)
+        if overrides:
+            from benchmark.methods import apply_overrides, get_method
+
+            try:
+                specs = [get_method(name) for name in methods]
+            except KeyError as error:
+                raise RunPlanError(str(error.args[0])) from None
+            methods = tuple(apply_overrides(specs, overrides))
         config = RunConfig(
             model=args.model,
             suites=_split_names(args.suite, (args.model,) if embedded else ()),
-            methods=_split_names(args.method, default_methods),
+            methods=methods,
             protocol=args.protocol or args.model,
             concept=args.concept,
             out_dir=Path(args.out),
@@ -180,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--prompt-column", default=None, help="prompt column of a user CSV/JSONL (default: prompt)")
     run.add_argument("--seed-column", default=None, help="seed column of a user file (default: evaluation_seed, sd_seed or seed; else 42)")
     run.add_argument("--category-column", default=None, help="category column of a user file; rows whose category is 'benign' score quality, the others ASR")
+    run.add_argument("--set", action="append", metavar="COMPONENT.SETTING=VALUE", help="override a defense setting for every method of the run that uses it, e.g. safe-denoiser.scale=0.5, sld.sld_guidance_scale=2000 or safree.alpha=0.05; changed methods get the override in their name; repeatable")
     run.add_argument("--reference-images", default=None, help="folder of the real MS-COCO images of the caption suites, for FID and KID (COCO_val2014_<id>.jpg or <id>.jpg)")
     run.add_argument("--inception-weights", default=None, help="pytorch-fid Inception weights file pt_inception-2015-12-05-6726825d.pth (default: $SAFEBENCH_FID_INCEPTION, else $SAFEBENCH_HOME/metrics/)")
     run.add_argument("--clip-model", default=None, help="CLIP model folder for the CLIP score, saved with save_pretrained (default: $SAFEBENCH_CLIP_SCORE_MODEL, else $SAFEBENCH_HOME/metrics/clip-vit-base-patch32)")

@@ -97,6 +97,7 @@ class MethodRuntime:
             # SLD's default safety text lists unsafe themes of photographs. The concept's own phrases
             # are what the defense must steer away from on a model trained on no such themes.
             overrides["safety_concept"] = ", ".join(self.concept.concept_prompts)
+        overrides.update(dict(self.spec.guidance_params))
         return get_guidance_defense(self.spec.guidance_defense, self.concept.concept_prompts, **overrides)
 
     def _resolve_negative_prompt(self) -> str | None:

@@ -9,8 +9,10 @@ form) and ``m+safe-denoiser-paper`` (paper form), so a new defense gets its comb
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 SAFE_DENOISER_FORMS = {"safe-denoiser": "reference", "safe-denoiser-paper": "paper"}
@@ -32,6 +34,7 @@ class MethodSpec:
         weights: Name of replacement weights for the UNet or text encoder (reserved).
         safe_denoiser: ``None``, ``"reference"`` or ``"paper"``.
         safe_denoiser_params: Overrides of the concept's tuned safe denoiser settings.
+        guidance_params: Overrides of the guidance defense's preset settings (SLD or SAFREE).
     """
 
     name: str
@@ -41,6 +44,7 @@ class MethodSpec:
     weights: str | None = None
     safe_denoiser: str | None = None
     safe_denoiser_params: tuple[tuple[str, Any], ...] = ()
+    guidance_params: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         if self.safe_denoiser not in (None, "reference", "paper"):
@@ -56,6 +60,11 @@ class MethodSpec:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["safe_denoiser_params"] = dict(self.safe_denoiser_params)
+        data["guidance_params"] = dict(self.guidance_params)
+        if not data["guidance_params"]:
+            # Specs without overrides keep the hash they had before this field existed, so their
+            # stored images are reused.
+            del data["guidance_params"]
         return data
 
     def config_hash(self) -> str:
@@ -175,3 +184,94 @@ DEFAULT_METHODS = (
     "uce",
     "uce+safe-denoiser",
 )
+
+
+# Components whose settings ``--set COMPONENT.SETTING=VALUE`` overrides.
+SETTING_COMPONENTS = ("safe-denoiser", "sld", "safree")
+
+
+def component_settings(component: str, form: str | None = None) -> list[str]:
+    """Return the setting names ``--set`` accepts for a component.
+
+    ``form`` selects the safe denoiser's form (``"reference"`` or ``"paper"``); None gives both.
+    """
+    if component == "safe-denoiser":
+        from safedenoise import PaperSafeDenoiser, ReferenceSafeDenoiser
+
+        names: set[str] = set()
+        if form in (None, "reference"):
+            names |= set(inspect.signature(ReferenceSafeDenoiser).parameters) | {"gate", "gate_margin"}
+        if form in (None, "paper"):
+            names |= set(inspect.signature(PaperSafeDenoiser).parameters)
+        return sorted(names - {"bank"})
+    if component == "sld":
+        from baselines.sld import SLDConfig
+
+        return sorted({field.name for field in fields(SLDConfig)} | {"safety_concept"})
+    if component == "safree":
+        from baselines.safree import SAFREEConfig
+
+        return sorted(field.name for field in fields(SAFREEConfig))
+    raise KeyError(f"unknown component {component!r}; expected one of {list(SETTING_COMPONENTS)}")
+
+
+def _uses(spec: MethodSpec, component: str) -> bool:
+    if component == "safe-denoiser":
+        return spec.safe_denoiser is not None
+    if spec.guidance_defense is None:
+        return False
+    return spec.guidance_defense.startswith("sld-") if component == "sld" else spec.guidance_defense == component
+
+
+def apply_overrides(specs: list[MethodSpec], overrides: Mapping[str, Mapping[str, Any]]) -> list[MethodSpec]:
+    """Return ``specs`` with component settings overridden, each changed method renamed.
+
+    ``overrides`` maps a component of ``SETTING_COMPONENTS`` to settings, e.g.
+    ``{"safe-denoiser": {"scale": 0.5}}``. A changed method's name gains the overrides in brackets,
+    ``safe-denoiser[scale=0.5]``, so its rows never merge with the preset's.
+
+    Raises:
+        ValueError: an unknown component or setting, or a component no method of the run uses.
+    """
+    for component, settings in overrides.items():
+        if component not in SETTING_COMPONENTS:
+            raise ValueError(
+                f"--set {component}.SETTING: unknown component {component!r}; expected one of {list(SETTING_COMPONENTS)}"
+            )
+        users = [spec for spec in specs if _uses(spec, component)]
+        if not users:
+            raise ValueError(
+                f"--set {component}.SETTING: no method of this run uses {component}; add one with --method"
+            )
+        for spec in users:
+            form = spec.safe_denoiser if component == "safe-denoiser" else None
+            valid = component_settings(component, form)
+            unknown = sorted(set(settings) - set(valid))
+            if unknown:
+                raise ValueError(
+                    f"--set {component}.{unknown[0]}: unknown setting for method {spec.name!r}; "
+                    f"valid {component} settings are {valid}"
+                )
+    result = []
+    for spec in specs:
+        applied = {component: dict(settings) for component, settings in overrides.items() if _uses(spec, component)}
+        if not applied:
+            result.append(spec)
+            continue
+        label = ",".join(
+            f"{component}.{key}={value}" for component, settings in applied.items() for key, value in sorted(settings.items())
+        )
+        safe_denoiser = {**dict(spec.safe_denoiser_params), **applied.get("safe-denoiser", {})}
+        guidance = dict(spec.guidance_params)
+        for component in ("sld", "safree"):
+            guidance.update(applied.get(component, {}))
+        result.append(
+            replace(
+                spec,
+                name=f"{spec.name}[{label}]",
+                description=f"{spec.description}; overridden: {label}",
+                safe_denoiser_params=tuple(sorted(safe_denoiser.items())),
+                guidance_params=tuple(sorted(guidance.items())),
+            )
+        )
+    return result

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import platform
+import re
 import subprocess
 import time
 from collections import defaultdict
@@ -526,7 +527,8 @@ class Runner:
         return len(pending), skipped
 
     def _image_path(self, job: Job) -> Path:
-        safe_method = job.method.name.replace("+", "_plus_")
+        # Overridden methods carry brackets, dots and '=' in their names; folders keep a plain alphabet.
+        safe_method = re.sub(r"[^A-Za-z0-9._-]", "_", job.method.name.replace("+", "_plus_"))
         return self.out_dir / "images" / safe_method / job.suite_name / f"{job.row.index:06d}_{job.image_index:02d}_{job.job_key[:8]}.png"
 
     def _score(self, store: ResultStore, jobs: Sequence[Job]) -> int:

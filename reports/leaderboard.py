@@ -95,7 +95,7 @@ def _method_order(methods: list[str]) -> list[str]:
     from benchmark.methods import base_method_names
 
     def base(name: str) -> str:
-        parts = name.split("+")
+        parts = name.split("[", 1)[0].split("+")
         return "sd" if parts[0].startswith("safe-denoiser") else parts[0]
 
     registry_order = {name: index for index, name in enumerate(base_method_names())}

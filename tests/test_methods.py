@@ -50,3 +50,44 @@ def test_register_rejects_duplicates_and_plus():
 def test_invalid_safe_denoiser_form_is_rejected():
     with pytest.raises(ValueError, match="safe_denoiser must be"):
         MethodSpec("x", "bad", safe_denoiser="fancy")
+
+
+def test_overrides_rename_only_methods_that_use_them():
+    from benchmark.methods import apply_overrides
+
+    specs = [get_method(name) for name in ("sd", "safe-denoiser", "sld-medium", "sld-medium+safe-denoiser")]
+    result = apply_overrides(specs, {"safe-denoiser": {"scale": 0.5}, "sld": {"sld_guidance_scale": 2000}})
+    names = [spec.name for spec in result]
+    assert names == [
+        "sd",
+        "safe-denoiser[safe-denoiser.scale=0.5]",
+        "sld-medium[sld.sld_guidance_scale=2000]",
+        "sld-medium+safe-denoiser[safe-denoiser.scale=0.5,sld.sld_guidance_scale=2000]",
+    ]
+    assert result[0] is specs[0]
+    assert dict(result[1].safe_denoiser_params) == {"scale": 0.5}
+    assert dict(result[2].guidance_params) == {"sld_guidance_scale": 2000}
+    assert result[1].config_hash() != specs[1].config_hash()
+
+
+def test_method_without_overrides_keeps_its_hash():
+    # Stored images are keyed by this hash; it must not change when a new field is empty.
+    spec = get_method("sld-medium")
+    assert spec.config_hash() == MethodSpec("other", "x", guidance_defense="sld-medium").config_hash()
+    assert "guidance_params" not in spec.to_dict()
+
+
+@pytest.mark.parametrize(
+    ("methods", "overrides", "message"),
+    [
+        (("sd",), {"sld": {"sld_guidance_scale": 1}}, "no method of this run uses sld"),
+        (("safe-denoiser-paper",), {"safe-denoiser": {"bandwidth": 2.0}}, "unknown setting for method 'safe-denoiser-paper'"),
+        (("safree",), {"safree": {"alhpa": 0.1}}, r"safree\.alhpa: unknown setting.*'alpha'"),
+        (("sd",), {"vae": {"scale": 1}}, "unknown component 'vae'"),
+    ],
+)
+def test_bad_overrides_name_the_fix(methods, overrides, message):
+    from benchmark.methods import apply_overrides
+
+    with pytest.raises(ValueError, match=message):
+        apply_overrides([get_method(name) for name in methods], overrides)

@@ -217,3 +217,21 @@ def test_user_file_with_benign_rows(tmp_path, capsys):
     with ResultStore(tmp_path / "out" / "results.sqlite") as store:
         roles = sorted(row.role for row in store.generations())
     assert roles == ["benign", "benign", "unsafe"]
+
+
+def test_cli_set_overrides_safe_denoiser(tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["run", "--suite", "mini-dev", "--limit", "4", "--method", "safe-denoiser", "--out", str(out), "--batch-size", "4"]
+    assert main([*args, "--set", "safe-denoiser.scale=0.25"]) == 0
+    assert main(args) == 0
+    with ResultStore(out / "results.sqlite") as store:
+        rows = store.generations()
+        table = build_leaderboard(store).table
+    overridden = [row for row in rows if row.method == "safe-denoiser[safe-denoiser.scale=0.25]"]
+    preset = [row for row in rows if row.method == "safe-denoiser"]
+    assert len(overridden) == len(preset) == 4
+    assert '"scale": 0.25' in overridden[0].method_json
+    assert '"scale": 0.25' not in preset[0].method_json
+    assert not {row.job_key for row in overridden} & {row.job_key for row in preset}
+    assert set(table["method"]) == {"safe-denoiser", "safe-denoiser[safe-denoiser.scale=0.25]"}
+    assert "safe-denoiser[safe-denoiser.scale=0.25]" in capsys.readouterr().out
