@@ -79,12 +79,31 @@ def make_scheduler(sampler: str, config: dict):
     raise ValueError(f"unknown sampler {sampler!r}; expected ddpm, ddim, dpmsolver++, euler, lms or pndm")
 
 
-def check_model_reference(model: str) -> None:
+_CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
+
+
+def _missing_config_message(path: Path) -> str:
+    return (
+        f"single-file checkpoint {path} needs a local config folder (a diffusers pipeline folder of the "
+        "same architecture; its config and tokenizer files are enough): pass --model-config DIR, because "
+        "diffusers would otherwise download the config from the hub"
+    )
+
+
+def check_model_reference(model: str, config_folder: str | None = None) -> None:
     """Reject a model reference that cannot be loaded locally, without loading anything."""
     if model in EMBEDDED_MODELS:
         return
+    if Path(model).suffix in _CHECKPOINT_SUFFIXES and Path(model).expanduser().is_file():
+        if config_folder is None:
+            raise ModelLoadError(_missing_config_message(Path(model).expanduser()))
+        if not (Path(config_folder).expanduser() / "model_index.json").is_file():
+            raise ModelLoadError(
+                f"--model-config {config_folder}: no model_index.json there; pass a diffusers pipeline folder "
+                "of the checkpoint's architecture (its config files are enough, weights are not read)"
+            )
     path = Path(model).expanduser()
-    looks_like_path = path.is_absolute() or model.startswith((".", "~")) or path.suffix in (".safetensors", ".ckpt", ".pt", ".bin")
+    looks_like_path = path.is_absolute() or model.startswith((".", "~")) or path.suffix in _CHECKPOINT_SUFFIXES
     if looks_like_path and not path.exists():
         raise ModelLoadError(
             f"model path {path} not found; pass 'mini', an existing diffusers folder or checkpoint file, "
@@ -120,17 +139,11 @@ def load_model(model: str, dtype: str = "float32", config_folder: str | None = N
         pipeline = DiffusionPipeline.from_pretrained(path, torch_dtype=torch_dtype, local_files_only=True)
         return LoadedModel(f"folder:{path.name}@{_folder_digest(path)}", _without_safety_checker(pipeline), "folder")
 
-    if path.suffix in (".safetensors", ".ckpt", ".pt", ".bin"):
+    if path.suffix in _CHECKPOINT_SUFFIXES:
         if not path.is_file():
             raise ModelLoadError(f"checkpoint file {path} not found")
         if config_folder is None:
-            raise ModelLoadError(
-                f"single-file checkpoint {path} needs a local config folder (a diffusers pipeline folder "
-                "of the same architecture, without weights is enough): pass --model-config DIR, because "
-                "diffusers would otherwise download the config from the hub"
-            )
-        # NOTE: this branch has no test yet: building a single-file checkpoint needs a reverse
-        # converter from diffusers' layout to the original one.
+            raise ModelLoadError(_missing_config_message(path))
         pipeline = StableDiffusionPipeline.from_single_file(
             str(path), config=str(config_folder), torch_dtype=torch_dtype, local_files_only=True
         )

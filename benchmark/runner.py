@@ -309,7 +309,7 @@ class Runner:
                         f"{suite.spec.name.removesuffix('-dev')}"
                     )
         try:
-            check_model_reference(self.config.model)
+            check_model_reference(self.config.model, self.config.model_config)
         except ModelLoadError as error:
             raise RunPlanError(str(error)) from None
 

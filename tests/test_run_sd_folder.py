@@ -17,7 +17,9 @@ from benchmark.protocols import I2P, UNLEARNDIFF
 from benchmark.runner import RunConfig, RunPlanError, Runner
 from benchmark.store import ResultStore
 from reports.leaderboard import build_leaderboard
-from tiny_models import tiny_sd_pipeline
+import shutil
+
+from tiny_models import save_single_file_checkpoint, tiny_sd_pipeline
 
 # UnlearnDiffAtk's judge and rule, with two DDPM steps at the tiny model's own resolution.
 TINY_NUDENET = dataclasses.replace(UNLEARNDIFF, name="tiny-nudenet", sampler="ddpm", num_inference_steps=2, resolution=None)
@@ -172,3 +174,48 @@ def test_judge_coverage_by_suite_concept():
     assert judge_coverage(("q16", "nudenet"), "violence") == "full"
     assert judge_coverage(("q16",), "unsafe (7 categories)") == "full"
     assert judge_coverage(("opennsfw",), "") == "full"
+
+
+@pytest.fixture(scope="module")
+def single_file(sd_folder, tmp_path_factory):
+    """The tiny pipeline as one original-layout checkpoint, plus its config folder without weights."""
+    root = tmp_path_factory.mktemp("single-file")
+    pipeline = tiny_sd_pipeline()
+    save_single_file_checkpoint(pipeline, root / "tiny-sd.safetensors")
+    shutil.copytree(sd_folder / "model", root / "config")
+    for weights in (root / "config").rglob("*.safetensors"):
+        weights.unlink()
+    return root
+
+
+def test_single_file_checkpoint_matches_folder(sd_folder, single_file, tmp_path):
+    folder_config = _config(sd_folder, tmp_path / "folder", methods=("sd",))
+    file_config = _config(
+        sd_folder,
+        tmp_path / "file",
+        methods=("sd",),
+        model=str(single_file / "tiny-sd.safetensors"),
+        model_config=str(single_file / "config"),
+    )
+    Runner(folder_config).run()
+    Runner(file_config).run()
+    with ResultStore(folder_config.out_dir / "results.sqlite") as store:
+        from_folder = {row.row_index: row for row in store.generations()}
+    with ResultStore(file_config.out_dir / "results.sqlite") as store:
+        from_file = {row.row_index: row for row in store.generations()}
+    assert all(row.model_id.startswith("file:tiny-sd.safetensors@") for row in from_file.values())
+    # Same weights, same seeds: the same pixels as the diffusers folder.
+    assert {index: row.image_sha256 for index, row in from_file.items()} == {
+        index: row.image_sha256 for index, row in from_folder.items()
+    }
+
+
+def test_single_file_without_config_fails_early(sd_folder, single_file, tmp_path):
+    with pytest.raises(RunPlanError, match="--model-config DIR"):
+        Runner(_config(sd_folder, tmp_path, methods=("sd",), model=str(single_file / "tiny-sd.safetensors")))
+    with pytest.raises(RunPlanError, match="no model_index.json"):
+        Runner(
+            _config(
+                sd_folder, tmp_path, methods=("sd",), model=str(single_file / "tiny-sd.safetensors"), model_config=str(tmp_path)
+            )
+        )

@@ -8,6 +8,8 @@ tokens.
 ``tiny_ddpm_pipeline`` is an unconditional DDPMPipeline on 3×16×16 pixels.
 ``save_stand_in_inception`` and ``save_tiny_clip`` write stand-in metric weights in the formats the
 real files have: a random FID Inception-v3 state dict, and a tiny CLIP ``save_pretrained`` folder.
+``save_single_file_checkpoint`` writes a pipeline as one checkpoint in the original SD v1 key layout,
+so diffusers' ``from_single_file`` has a file to load.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 __all__ = [
     "SCHEDULER_NAMES",
     "make_scheduler",
+    "save_single_file_checkpoint",
     "save_stand_in_inception",
     "save_tiny_clip",
     "smooth_images",
@@ -230,3 +233,100 @@ def save_tiny_clip(folder: Path, image_size: int = 32) -> Path:
     )
     image_processor.save_pretrained(folder)
     return folder
+
+
+# Renames of a diffusers ResNet block's layers in the original (LDM) layout.
+_LDM_UNET_RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+_LDM_VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def _rename_first(rest: str, names: dict[str, str]) -> str:
+    for old, new in names.items():
+        if rest == old or rest.startswith(old + "."):
+            return new + rest[len(old) :]
+    return rest
+
+
+def _ldm_unet_key(key: str, layers: int, attention_up_blocks: set[int]) -> str:
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    top = DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"]
+    if key in top:
+        return top[key]
+    parts = key.split(".")
+    if parts[0] == "mid_block":
+        kind, index, rest = parts[1], int(parts[2]), ".".join(parts[3:])
+        if kind == "resnets":
+            return f"middle_block.{2 * index}.{_rename_first(rest, _LDM_UNET_RESNET)}"
+        return f"middle_block.1.{rest}"
+    block, kind, index, rest = int(parts[1]), parts[2], int(parts[3]), ".".join(parts[4:])
+    if parts[0] == "down_blocks":
+        if kind == "downsamplers":
+            return f"input_blocks.{(block + 1) * (layers + 1)}.0.op.{rest.removeprefix('conv.')}"
+        position = 1 + block * (layers + 1) + index
+        if kind == "resnets":
+            return f"input_blocks.{position}.0.{_rename_first(rest, _LDM_UNET_RESNET)}"
+        return f"input_blocks.{position}.1.{rest}"
+    if kind == "upsamplers":
+        slot = 2 if block in attention_up_blocks else 1
+        return f"output_blocks.{block * (layers + 1) + layers}.{slot}.{rest}"
+    position = block * (layers + 1) + index
+    if kind == "resnets":
+        return f"output_blocks.{position}.0.{_rename_first(rest, _LDM_UNET_RESNET)}"
+    return f"output_blocks.{position}.1.{rest}"
+
+
+def _ldm_vae_key(key: str, num_up_blocks: int) -> str:
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    top = DIFFUSERS_TO_LDM_MAPPING["vae"]
+    if key in top:
+        return top[key]
+    side, kind, *parts = key.split(".")
+    if kind == "mid_block":
+        group, index, rest = parts[0], int(parts[1]), ".".join(parts[2:])
+        if group == "resnets":
+            return f"{side}.mid.block_{index + 1}.{_rename_first(rest, {'conv_shortcut': 'nin_shortcut'})}"
+        return f"{side}.mid.attn_1.{_rename_first(rest, _LDM_VAE_ATTENTION)}"
+    block, group, index, rest = int(parts[0]), parts[1], int(parts[2]), ".".join(parts[3:])
+    level, name = (block, "down") if side == "encoder" else (num_up_blocks - 1 - block, "up")
+    if group in ("downsamplers", "upsamplers"):
+        return f"{side}.{name}.{level}.{'downsample' if side == 'encoder' else 'upsample'}.{rest}"
+    return f"{side}.{name}.{level}.block.{index}.{_rename_first(rest, {'conv_shortcut': 'nin_shortcut'})}"
+
+
+def save_single_file_checkpoint(pipeline: StableDiffusionPipeline, path: Path) -> Path:
+    """Save a Stable Diffusion v1 pipeline as one original-layout (LDM) ``.safetensors`` checkpoint.
+
+    The keys are those of the released SD v1 checkpoints: ``model.diffusion_model.*`` (UNet),
+    ``first_stage_model.*`` (VAE, attention projections as 1x1 convolutions) and
+    ``cond_stage_model.transformer.*`` (CLIP text encoder).
+    """
+    from safetensors.torch import save_file
+
+    unet = pipeline.unet
+    layers = unet.config.layers_per_block
+    attention_up_blocks = {
+        index for index, block_type in enumerate(unet.config.up_block_types) if "CrossAttn" in block_type
+    }
+    state: dict[str, torch.Tensor] = {}
+    for key, value in unet.state_dict().items():
+        state["model.diffusion_model." + _ldm_unet_key(key, layers, attention_up_blocks)] = value
+    num_up_blocks = len(pipeline.vae.config.up_block_types)
+    for key, value in pipeline.vae.state_dict().items():
+        ldm_key = _ldm_vae_key(key, num_up_blocks)
+        if ".attn_1." in ldm_key and value.ndim == 2:
+            value = value[:, :, None, None]
+        state["first_stage_model." + ldm_key] = value
+    for key, value in pipeline.text_encoder.state_dict().items():
+        # Released checkpoints nest the encoder under text_model; transformers 5 flattens CLIPTextModel.
+        state["cond_stage_model.transformer." + ("" if key.startswith("text_model.") else "text_model.") + key] = value
+    save_file({key: value.contiguous() for key, value in state.items()}, str(path))
+    return path
