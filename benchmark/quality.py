@@ -162,6 +162,8 @@ class QualityResources:
         self._clip = None
         self._references: dict[str, object] = {}
         self._reference_metrics: dict[tuple[str, str], object] = {}
+        self._inception_sha256: str | None = None
+        self._clip_sha256: str | None = None
 
     @property
     def needs_reference(self) -> bool:
@@ -237,13 +239,24 @@ class QualityResources:
         return metric
 
     def reference_key(self, suite) -> str:
-        """A digest of the reference image ids, the preprocessing and the network weights."""
+        """Return a digest of the reference image ids, the preprocessing and the Inception weights."""
         from benchmark.metrics.inception import resolve_inception_weights, sha256_of_file
 
+        if self._inception_sha256 is None:
+            self._inception_sha256 = sha256_of_file(resolve_inception_weights(self.inception_weights))
         reference = self._reference_for(suite)
         ids = ",".join(str(image_id) for image_id in reference.image_ids)
-        weights = sha256_of_file(resolve_inception_weights(self.inception_weights))
-        return hashlib.sha256(f"{ids}|{self.protocol.reference_resize}|{weights}".encode()).hexdigest()[:16]
+        payload = f"{ids}|{self.protocol.reference_resize}|{self._inception_sha256}"
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def clip_key(self) -> str:
+        """Return the SHA-256 of the CLIP weights file, so a moved folder keeps its stored scores."""
+        from benchmark.metrics.clip_score import clip_weights_file
+        from benchmark.metrics.inception import sha256_of_file
+
+        if self._clip_sha256 is None:
+            self._clip_sha256 = sha256_of_file(clip_weights_file(Path(self.clip_model)))
+        return self._clip_sha256
 
 
 def compute_real_quality(
@@ -269,7 +282,7 @@ def compute_real_quality(
         if name not in ("fid", "kid", "clip_score"):
             continue
         if name == "clip_score":
-            extra = f"clip_score:{protocol.clip_scale}:{resources.clip_model}"
+            extra = f"clip_score:{protocol.clip_scale}:{resources.clip_key()}"
         else:
             extra = f"{name}:{resources.reference_key(suite)}"
         inputs_key = _inputs_key(job_keys, extra)

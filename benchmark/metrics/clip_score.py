@@ -72,7 +72,7 @@ def resolve_clip_model_dir(model_dir: str | os.PathLike[str] | None = None) -> P
         folder = Path(os.environ[MODEL_ENV_VAR]).expanduser()
     else:
         folder = metrics_cache_dir() / DEFAULT_MODEL_FOLDER
-    _check_model_dir(folder)
+    clip_weights_file(folder)
     return folder
 
 
@@ -152,7 +152,7 @@ class _TruncatingClipProcessor:
         raise ValueError("CLIP processor: called with neither text nor images")
 
 
-def _check_model_dir(model_dir: Path) -> Path:
+def clip_weights_file(model_dir: Path) -> Path:
     """Return the weights file of a saved CLIP folder, or raise naming what is missing."""
     how_to = (
         "Save a CLIP model and its processor into that folder on a machine with network access, "
@@ -222,7 +222,7 @@ class ClipScore:
         self.model_dir = Path(model_dir).expanduser()
         self.scale = scale
         self.device = torch.device(device)
-        weights_file = _check_model_dir(self.model_dir)
+        weights_file = clip_weights_file(self.model_dir)
 
         model = CLIPModel.from_pretrained(self.model_dir, local_files_only=True).eval()
         tokenizer = AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
