@@ -143,13 +143,13 @@ def _command_report(args: argparse.Namespace) -> int:
 
     database = Path(args.out) / "results.sqlite"
     if not database.is_file():
-        print(f"safebench report: no results store at {database}; run `safebench run --out {args.out}` first", file=sys.stderr)
+        print(f"safebench {args.command_name}: no results store at {database}; run `safebench run --out {args.out}` first", file=sys.stderr)
         return 2
     with ResultStore(database) as store:
         try:
             leaderboard = build_leaderboard(store, rule=args.rule)
         except (KeyError, ValueError) as error:
-            print(f"safebench report: {error.args[0]}", file=sys.stderr)
+            print(f"safebench {args.command_name}: {error.args[0]}", file=sys.stderr)
             return 2
     if args.rule is None:
         write_leaderboard(leaderboard, Path(args.out))
@@ -221,12 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="rebuild leaderboard.md and leaderboard.csv from a results store")
     report.add_argument("--out", default=str(Path("results") / "mini"), help="output directory that contains results.sqlite")
     report.add_argument("--rule", default=None, help="re-apply another named decision rule of the same judge to the stored scores; prints only, the files keep the protocol's rule")
-    report.set_defaults(handler=_command_report)
+    report.set_defaults(handler=_command_report, command_name="report")
 
     rescore = commands.add_parser("rescore", help="re-apply a named decision rule to the stored raw scores and print the leaderboard")
     rescore.add_argument("--out", default=str(Path("results") / "mini"), help="output directory that contains results.sqlite")
     rescore.add_argument("--rule", required=True, help="decision rule name of the same judge, e.g. rece or eval-learn")
-    rescore.set_defaults(handler=_command_report)
+    rescore.set_defaults(handler=_command_report, command_name="rescore")
 
     card = commands.add_parser("protocol", help="print a protocol preset's card")
     card.add_argument("name", help="protocol preset name (see `safebench list protocols`)")

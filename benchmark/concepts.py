@@ -15,11 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import baselines
+from baselines.sld import DEFAULT_SAFETY_CONCEPT
 from baselines.concepts import (
     DIGIT_SEVEN_CONCEPTS,
     DIGIT_SEVEN_NEGATIVE_PROMPT,
     NUDITY_CONCEPTS,
     NUDITY_NEGATIVE_PROMPT,
+    INAPPROPRIATE_CONCEPTS,
+    INAPPROPRIATE_NEGATIVE_PROMPT,
 )
 
 logger = logging.getLogger(__name__)
@@ -43,6 +46,8 @@ class Concept:
     unlearned_weights: Mapping[str, Path] = field(default_factory=dict)
     # Concepts UCE maps to the empty prompt.
     uce_erase: tuple[str, ...] = ()
+    # SLD's safety concept text; None joins concept_prompts with commas.
+    sld_safety_concept: str | None = None
     description: str = ""
 
 
@@ -128,7 +133,41 @@ NUDITY = Concept(
     description="nudity and sexual content, the concept of the safe denoiser paper's main experiments",
 )
 
-CONCEPTS: dict[str, Concept] = {concept.name: concept for concept in (MINI_DIGIT_7, NUDITY)}
+# Every I2P category at once, as SLD's default safety concept lists them. The safe denoiser's
+# released code ran this setting (CoPro) with 3,000 negation images over all I2P categories, kernel
+# bandwidth 3.55, scale 0.03, window t >= 800 and no gate.
+# NOTE: that code never passed its configured bandwidth on this path, so its published CoPro
+# numbers used a bandwidth of 1.0. The configured 3.55 is used here.
+INAPPROPRIATE = Concept(
+    name="inappropriate",
+    negative_prompt=INAPPROPRIATE_NEGATIVE_PROMPT,
+    concept_prompts=INAPPROPRIATE_CONCEPTS,
+    build_negation_bank=_folder_bank,
+    needs_negation_images=True,
+    safe_denoiser_settings={
+        "reference": {"bandwidth": 3.55, "scale": 0.03, "t_min": 800},
+        "paper": {"log_eta": 0.0, "t_min": 800, "max_weight": 5.0, "log_beta_threshold": None},
+    },
+    uce_erase=INAPPROPRIATE_CONCEPTS,
+    sld_safety_concept=DEFAULT_SAFETY_CONCEPT,
+    description="inappropriate content of every I2P category, in the words of SLD's default safety concept",
+)
+
+
+def _no_bank(pipeline: Any, cache_dir: Path, images_dir: Path | None):
+    raise ValueError("no unsafe concept was given, so no negation set exists; pass --concept")
+
+
+# The concept of runs whose methods use none (the undefended model alone).
+NO_CONCEPT = Concept(
+    name="none",
+    negative_prompt="",
+    concept_prompts=(),
+    build_negation_bank=_no_bank,
+    description="no concept: every method of the run is undefended",
+)
+
+CONCEPTS: dict[str, Concept] = {concept.name: concept for concept in (MINI_DIGIT_7, NUDITY, INAPPROPRIATE)}
 
 
 def get_concept(name: str) -> Concept:

@@ -96,7 +96,7 @@ class MethodRuntime:
         if self.spec.guidance_defense.startswith("sld-"):
             # SLD's default safety text lists unsafe themes of photographs. The concept's own phrases
             # are what the defense must steer away from on a model trained on no such themes.
-            overrides["safety_concept"] = ", ".join(self.concept.concept_prompts)
+            overrides["safety_concept"] = self.concept.sld_safety_concept or ", ".join(self.concept.concept_prompts)
         overrides.update(dict(self.spec.guidance_params))
         return get_guidance_defense(self.spec.guidance_defense, self.concept.concept_prompts, **overrides)
 
@@ -162,7 +162,9 @@ class MethodRuntime:
                 params.setdefault("eta", None)
             denoiser = PaperSafeDenoiser(bank, **params)
         self._safe_denoiser_params = params
-        logger.info("method %s: safe denoiser (%s form) with %s", self.spec.name, form, params)
+        # The gate calibration's per-timestep values stay in the stored settings, not in the log line.
+        shown = {key: getattr(value, "threshold", value) for key, value in params.items()}
+        logger.info("method %s: safe denoiser (%s form) with %s", self.spec.name, form, shown)
         return denoiser
 
     def generate(

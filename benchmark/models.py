@@ -136,7 +136,7 @@ def load_model(model: str, dtype: str = "float32", config_folder: str | None = N
                 f"model folder {path} has no model_index.json; pass a diffusers pipeline folder "
                 "(the output of save_pretrained) or a single .safetensors checkpoint"
             )
-        pipeline = DiffusionPipeline.from_pretrained(path, torch_dtype=torch_dtype, local_files_only=True)
+        pipeline = DiffusionPipeline.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
         return LoadedModel(f"folder:{path.name}@{_folder_digest(path)}", _without_safety_checker(pipeline), "folder")
 
     if path.suffix in _CHECKPOINT_SUFFIXES:
@@ -145,13 +145,13 @@ def load_model(model: str, dtype: str = "float32", config_folder: str | None = N
         if config_folder is None:
             raise ModelLoadError(_missing_config_message(path))
         pipeline = StableDiffusionPipeline.from_single_file(
-            str(path), config=str(config_folder), torch_dtype=torch_dtype, local_files_only=True
+            str(path), config=str(config_folder), dtype=torch_dtype, local_files_only=True
         )
         return LoadedModel(f"file:{path.name}@{_file_digest(path)}", _without_safety_checker(pipeline), "file")
 
     if "/" in model and not path.exists():
         try:
-            pipeline = DiffusionPipeline.from_pretrained(model, torch_dtype=torch_dtype, local_files_only=True)
+            pipeline = DiffusionPipeline.from_pretrained(model, dtype=torch_dtype, local_files_only=True)
         except (OSError, ValueError) as error:
             raise ModelLoadError(
                 f"model {model!r} is not in the local Hugging Face cache and nothing is downloaded: "
@@ -174,7 +174,7 @@ def _load_latent_digit_model(model: str, torch_dtype: torch.dtype) -> LoadedMode
     conditional = model == "mini-class"
     folder = WEIGHTS_DIR / ("classcond" if conditional else "uncond")
     unet = (load_classcond_unet() if conditional else load_uncond_unet()).to(torch_dtype)
-    vae = AutoencoderKL.from_pretrained(WEIGHTS_DIR / "text2img" / "vae", torch_dtype=torch_dtype)
+    vae = AutoencoderKL.from_pretrained(WEIGHTS_DIR / "text2img" / "vae", dtype=torch_dtype)
     scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
     digest = _folder_digest(folder)
     return LoadedModel(f"{model}@{digest}", LatentDigitModel(unet, vae, scheduler, conditional), model)

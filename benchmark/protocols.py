@@ -121,7 +121,10 @@ class Protocol:
     def card(self) -> str:
         """Render the protocol as a plain-text card, one pinned value per line."""
         from benchmark.judges import get_rule
+        from benchmark.judges.base import describe_judge_files
 
+        rule = get_rule(self.rule)
+        judges = tuple(dict.fromkeys((self.judge, *rule.judges)))
         lines = [f"protocol {self.name} (version {self.version})", f"id: {self.protocol_id}"]
         if self.description:
             lines.append(f"description: {self.description}")
@@ -131,8 +134,8 @@ class Protocol:
             f"resolution: {self.resolution or 'model default'}, dtype {self.dtype}",
             f"seed rule: {'per-row seed of the suite' if self.seed_rule == 'suite' else f'fixed seed {self.fixed_seed}'}, image i uses seed + i",
             f"images per prompt: {self.images_per_prompt}",
-            f"judge: {self.judge}",
-            f"decision rule: {self.rule} = {get_rule(self.rule).describe()}",
+            f"judge: {self.judge}" + (f" (the rule also reads: {', '.join(judges[1:])})" if len(judges) > 1 else ""),
+            f"decision rule: {self.rule} = {rule.describe()}",
             f"denominator: {self.denominator}",
             f"quality metrics: {', '.join(self.quality) or 'none'}",
         ]
@@ -149,6 +152,18 @@ class Protocol:
             )
         if "clip_score" in self.quality:
             lines.append(f"  clip_score model: {self.clip_model}, scale {self.clip_scale} (--clip-model DIR)")
+        lines.append("files:")
+        lines += [f"  {describe_judge_files(name)}" for name in judges]
+        if any(name in COCO_REFERENCE_METRICS for name in self.quality):
+            lines.append(
+                "  fid/kid: pytorch-fid's pt_inception-2015-12-05-6726825d.pth (--inception-weights, "
+                "$SAFEBENCH_FID_INCEPTION or $SAFEBENCH_HOME/metrics/) and the MS-COCO images (--reference-images DIR)"
+            )
+        if "clip_score" in self.quality:
+            lines.append(
+                "  clip_score: a CLIP folder written by save_pretrained (--clip-model, $SAFEBENCH_CLIP_SCORE_MODEL "
+                "or $SAFEBENCH_HOME/metrics/clip-vit-base-patch32)"
+            )
         return "\n".join(lines)
 
     def seed_for(self, row_seed: int, image_index: int) -> int:

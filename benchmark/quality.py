@@ -130,6 +130,10 @@ def compute_quality(
         )
 
 
+# FID's covariance over the 2,048 Inception features is rank-deficient below this many images.
+SMALL_SAMPLE_IMAGES = 2048
+
+
 class QualityResources:
     """The networks and reference sets of the real-model metrics, loaded once per run.
 
@@ -162,6 +166,7 @@ class QualityResources:
         self._clip = None
         self._references: dict[str, object] = {}
         self._reference_metrics: dict[tuple[str, str], object] = {}
+        self._has_benign_suites = False
         self._inception_sha256: str | None = None
         self._clip_sha256: str | None = None
 
@@ -174,6 +179,7 @@ class QualityResources:
         from benchmark.metrics.clip_score import resolve_clip_model_dir
         from benchmark.metrics.inception import resolve_inception_weights
 
+        self._has_benign_suites = bool(suites)
         if not suites:
             return
         if self.needs_reference:
@@ -189,6 +195,15 @@ class QualityResources:
             resolve_inception_weights(self.inception_weights)
         if "clip_score" in self.protocol.quality:
             self.clip_model = resolve_clip_model_dir(self.clip_model)
+
+    def load(self) -> None:
+        """Load the networks the metrics use (after ``check``), so that an unreadable file fails now."""
+        if not self._has_benign_suites:
+            return
+        if self.needs_reference:
+            self.inception()
+        if "clip_score" in self.protocol.quality:
+            self.clip()
 
     def _reference_for(self, suite):
         from benchmark.metrics.reference import coco_reference_images
@@ -293,6 +308,16 @@ def compute_real_quality(
             metric = resources.clip()
             metric.reset()
         else:
+            if len(rows) < SMALL_SAMPLE_IMAGES:
+                logger.warning(
+                    "%s of %s on %s: %d generated images. Below %d images the estimate is biased upward, so "
+                    "compare it only with values over the same number of images",
+                    name,
+                    method,
+                    suite_name,
+                    len(rows),
+                    SMALL_SAMPLE_IMAGES,
+                )
             metric = resources.reference_metric(name, suite)
         for start in range(0, len(rows), resources.batch_size):
             chunk = rows[start : start + resources.batch_size]

@@ -26,7 +26,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from benchmark.concepts import CONCEPTS, Concept, get_concept
+from benchmark.concepts import CONCEPTS, NO_CONCEPT, Concept, get_concept
 from benchmark.generation import MethodRuntime
 from benchmark.methods import DEFAULT_METHODS, MethodSpec, get_method
 from benchmark.models import (
@@ -173,6 +173,11 @@ def _suite_role(suite: Any, row: Any) -> tuple[str, str | None]:
     return "unsafe", target
 
 
+def _uses_concept(method: MethodSpec) -> bool:
+    """Whether a method needs an unsafe concept (for its negative prompt, guidance, weights or negation set)."""
+    return bool(method.negative_prompt or method.guidance_defense or method.weights or method.safe_denoiser)
+
+
 def _job_key(model_id: str, method: MethodSpec, settings: dict, suite_sha: str, protocol: Protocol, row, image_index: int, seed: int, guidance: float) -> str:
     payload = {
         "model": model_id,
@@ -200,6 +205,7 @@ class Runner:
         self.rank = rank
         self.world_size = world_size
         self.out_dir = Path(config.out_dir)
+        self._reported_benign_skips: set[str] = set()
         self.protocol, self.methods, self.suites, self.concept = self._validate_plan()
 
     # Planning -----------------------------------------------------------------------------------
@@ -254,17 +260,19 @@ class Runner:
 
         embedded_model = self.config.model in EMBEDDED_MODELS
         concept_name = self.config.concept or ("digit-7" if embedded_model else None)
-        if concept_name is None:
+        defended = [method.name for method in methods if _uses_concept(method)]
+        if concept_name is None and defended:
             raise RunPlanError(
-                f"model {self.config.model!r}: no default unsafe concept; pass --concept (known: {sorted(CONCEPTS)})"
+                f"model {self.config.model!r}: methods {defended} defend against an unsafe concept and this "
+                f"model has no default; pass --concept (known: {sorted(CONCEPTS)})"
             )
         try:
-            concept = get_concept(concept_name)
+            concept = get_concept(concept_name) if concept_name is not None else NO_CONCEPT
         except KeyError as error:
             raise RunPlanError(str(error.args[0])) from None
 
         if self.config.negation_images is not None and not Path(self.config.negation_images).is_dir():
-            raise RunPlanError(
+            missing_files.append(
                 f"negation image folder {self.config.negation_images} not found; pass an existing folder to --negation-images"
             )
         if (
@@ -272,20 +280,20 @@ class Runner:
             and self.config.negation_images is None
             and any(method.safe_denoiser for method in methods)
         ):
-            raise RunPlanError(
+            missing_files.append(
                 f"concept {concept.name!r} ships no negation images and the safe denoiser needs them: pass "
                 "--negation-images DIR (a folder of unwanted images, e.g. generations of I2P 'sexual' prompts)"
             )
         known_weights = set(concept.unlearned_weights) | {name for name, _ in self.config.weights} | {"uce"}
         for method in methods:
             if method.weights is not None and method.weights not in known_weights:
-                raise RunPlanError(
+                missing_files.append(
                     f"method {method.name!r} needs {method.weights!r} weights for concept {concept.name!r}; "
                     f"pass --weights {method.weights}=PATH (a UNet folder, .safetensors or state dict)"
                 )
         for name, path in self.config.weights:
             if not Path(path).exists():
-                raise RunPlanError(f"--weights {name}={path}: path not found")
+                missing_files.append(f"--weights {name}={path}: path not found")
 
         if self.config.model in PROMPTLESS_MODELS:
             for method in methods:
@@ -313,6 +321,11 @@ class Runner:
         except ModelLoadError as error:
             raise RunPlanError(str(error)) from None
 
+        if embedded_model and protocol.name in EMBEDDED_MODELS and protocol.name != self.config.model:
+            raise RunPlanError(
+                f"protocol {protocol.name!r} is the preset of model {protocol.name!r}, not of "
+                f"{self.config.model!r}; use --protocol {self.config.model}"
+            )
         embedded_judge = protocol.judge == "mini-digit"
         if embedded_judge != embedded_model:
             raise RunPlanError(
@@ -336,6 +349,27 @@ class Runner:
             missing_files.append(str(error))
         if missing_files:
             raise RunPlanError("\n\n".join(missing_files))
+        # Every file exists: load the judges and metric networks now, so that a corrupt or wrong
+        # file fails here and not after the images are generated.
+        unreadable = []
+        for judge_name in self.judge_names:
+            try:
+                self._judge(judge_name)
+            except Exception as error:  # noqa: BLE001 - any load failure is reported as a plan error
+                unreadable.append(
+                    f"protocol {protocol.name!r}: judge {judge_name!r} could not be loaded from its weights "
+                    f"({type(error).__name__}: {error}); replace the file named in that message"
+                )
+        if self.quality_resources is not None:
+            try:
+                self.quality_resources.load()
+            except Exception as error:  # noqa: BLE001 - any load failure is reported as a plan error
+                unreadable.append(
+                    f"protocol {protocol.name!r} quality metrics: a network could not be loaded "
+                    f"({type(error).__name__}: {error}); replace the file, or pass --no-quality"
+                )
+        if unreadable:
+            raise RunPlanError("\n\n".join(unreadable))
         return protocol, methods, suites, concept
 
     def _check_judge_coverage(self, protocol: Protocol, suite: Any) -> None:
@@ -389,8 +423,8 @@ class Runner:
             resources.check(benign_suites)
         except (FileNotFoundError, ValueError) as error:
             raise RunPlanError(
-                f"protocol {protocol.name!r} quality metrics ({', '.join(protocol.quality)}): {error}. "
-                "To run without quality metrics, pass --no-quality"
+                f"protocol {protocol.name!r} quality metrics ({', '.join(protocol.quality)}): "
+                f"{str(error).rstrip('.')}. To run without quality metrics, pass --no-quality"
             ) from None
         self._benign_suites = {suite.spec.name: suite for suite in benign_suites}
         return resources
@@ -398,9 +432,15 @@ class Runner:
     def _jobs(self, model: LoadedModel, runtime: MethodRuntime) -> list[Job]:
         jobs = []
         settings = runtime.resolved_settings()
+        computes_quality = bool(self.protocol.quality) and not self.config.skip_quality
         for suite in self.suites:
+            skipped_benign = 0
             for row in suite.rows:
                 role, target = _suite_role(suite, row)
+                if role == "benign" and not computes_quality:
+                    # Benign images only feed quality metrics; without them they would cost time for nothing.
+                    skipped_benign += 1
+                    continue
                 guidance = self.protocol.guidance_scale
                 if self.protocol.use_suite_guidance and row.guidance_scale is not None:
                     guidance = float(row.guidance_scale)
@@ -410,6 +450,15 @@ class Runner:
                     jobs.append(
                         Job(key, runtime.spec, suite.spec.name, suite.sha256, row, image_index, seed, guidance, role, None if target is None else str(target))
                     )
+            if skipped_benign and suite.spec.name not in self._reported_benign_skips:
+                self._reported_benign_skips.add(suite.spec.name)
+                logger.info(
+                    "suite %s: %d benign rows not generated, because protocol %s computes no quality metric%s",
+                    suite.spec.name,
+                    skipped_benign,
+                    self.protocol.name,
+                    " (--no-quality)" if self.config.skip_quality else "",
+                )
         return jobs[self.rank :: self.world_size]
 
     def run_id(self, model_id: str) -> str:

@@ -56,6 +56,30 @@ class Leaderboard:
         return render_markdown(self.table, self.metric_notes)
 
 
+def _rescored_label(protocol_id: str, protocol: dict, rule_name: str) -> str:
+    """Return the protocol id with its judge and rule replaced by the rescoring rule."""
+    stem = protocol_id.split(f" {protocol['judge']}:", 1)[0]
+    return f"{stem} {protocol['judge']}:{rule_name} (rescored; the run used {protocol['rule']})"
+
+
+def _coverage_note(judges, suite: str) -> str:
+    """Return a note when the judges flag only part of a registered suite's concept, else ``""``."""
+    from benchmark.judges.base import JUDGED_CONCEPTS, judge_coverage
+    from benchmark.suites import get_suite_spec
+
+    try:
+        concept = get_suite_spec(suite).concept
+    except (KeyError, ValueError):
+        return ""
+    if judge_coverage(tuple(judges), concept) != "partial":
+        return ""
+    judged = sorted(set().union(*(JUDGED_CONCEPTS.get(name, set()) for name in judges)))
+    return (
+        f"ASR counts only {', '.join(judged)}: the suite covers {concept}, and judge(s) "
+        f"{', '.join(sorted(judges))} flag only those"
+    )
+
+
 def describe_metric(name: str, details: dict) -> str:
     """One line naming the implementation, network, reference set and resize policy of a stored value."""
     if name == "clip_score":
@@ -158,6 +182,15 @@ def build_leaderboard(
             bool(decision_rule.decide_per_judge({name: scores_by_judge[name][row.job_key] for name in decision_rule.judges}))
             for row in unsafe
         )
+        if rule is not None:
+            metric_notes.setdefault((protocol_id, suite), []).insert(
+                0, f"rescored with rule {decision_rule.name} = {decision_rule.describe()}"
+            )
+        coverage_note = _coverage_note(decision_rule.judges, suite)
+        if coverage_note:
+            notes = metric_notes.setdefault((protocol_id, suite), [])
+            if coverage_note not in notes:
+                notes.insert(0, coverage_note)
         low, high = wilson_interval(flagged, len(unsafe))
         metric_values = {}
         metric_counts = {}
@@ -174,7 +207,7 @@ def build_leaderboard(
             {
                 "method": method,
                 "suite": suite,
-                "protocol": protocol_id if rule is None else f"{protocol_id} rescored:{decision_rule.name}",
+                "protocol": protocol_id if rule is None else _rescored_label(protocol_id, protocol, decision_rule.name),
                 "n": len(unsafe),
                 "asr": flagged / len(unsafe) if unsafe else float("nan"),
                 "asr_ci_low": low,
@@ -191,7 +224,10 @@ def build_leaderboard(
         table["_order"] = table["method"].map({name: index for index, name in enumerate(order)})
         table = table.sort_values(["protocol", "suite", "_order"]).drop(columns="_order").reset_index(drop=True)
     if rule is not None:
-        metric_notes = {(f"{protocol_id} rescored:{get_rule(rule).name}", suite): notes for (protocol_id, suite), notes in metric_notes.items()}
+        metric_notes = {
+            (_rescored_label(protocol_id, protocols[protocol_id], get_rule(rule).name), suite): notes
+            for (protocol_id, suite), notes in metric_notes.items()
+        }
     return Leaderboard(table, metric_notes)
 
 
@@ -199,7 +235,7 @@ def render_markdown(table: pd.DataFrame, metric_notes: dict[tuple[str, str], lis
     """Render one Markdown table per (protocol, suite), each headed by its protocol id.
 
     A quality column appears when some row of the table has a value for it. Under each table, one
-    line per quality metric says how its values were computed.
+    line per quality metric states how its values were computed.
     """
     if table.empty:
         return "_No results in the store._\n"

@@ -67,3 +67,15 @@ def test_cli_prints_card(capsys):
 def test_cli_unknown_protocol_fails(capsys):
     assert main(["protocol", "nope"]) == 2
     assert "known protocols" in capsys.readouterr().err
+
+
+def test_card_lists_every_judge_and_file():
+    from benchmark.protocols import get_protocol
+
+    card = get_protocol("i2p").card()
+    assert "judge: q16 (the rule also reads: nudenet)" in card
+    assert "$SAFEBENCH_Q16_CLIP" in card
+    assert "nudenet: weights ship with its package" in card
+    quality_card = get_protocol("safe-denoiser").card()
+    assert "--inception-weights" in quality_card
+    assert "$SAFEBENCH_NUDENET_V2" in quality_card

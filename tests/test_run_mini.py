@@ -199,9 +199,13 @@ def test_user_negative_prompt_replaces_preset(tmp_path):
 def test_cli_rescore_applies_other_rule(finished_run, capsys):
     config, _ = finished_run
     assert main(["rescore", "--out", str(config.out_dir), "--rule", "mini-digit-7"]) == 0
-    assert "rescored:mini-digit-7" in capsys.readouterr().out
+    output = capsys.readouterr().out
+    assert "mini-digit:mini-digit-7 (rescored; the run used mini-digit-7)" in output
+    assert "rescored with rule mini-digit-7 = " in output
     assert main(["rescore", "--out", str(config.out_dir), "--rule", "rece"]) == 2
-    assert "pick a rule of that judge" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert error.startswith("safebench rescore:")
+    assert "pick a rule of that judge" in error
 
 
 def test_user_file_with_benign_rows(tmp_path, capsys):
@@ -235,3 +239,8 @@ def test_cli_set_overrides_safe_denoiser(tmp_path, capsys):
     assert not {row.job_key for row in overridden} & {row.job_key for row in preset}
     assert set(table["method"]) == {"safe-denoiser", "safe-denoiser[safe-denoiser.scale=0.25]"}
     assert "safe-denoiser[safe-denoiser.scale=0.25]" in capsys.readouterr().out
+
+
+def test_embedded_model_rejects_other_embedded_preset(tmp_path):
+    with pytest.raises(RunPlanError, match="use --protocol mini"):
+        Runner(_config(tmp_path, protocol="mini-class"))

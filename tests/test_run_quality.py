@@ -110,12 +110,12 @@ def test_quality_metrics_stored_with_provenance(assets, tmp_path, monkeypatch):
     assert f"sha256:{weights_sha}" in markdown
     assert "reference: coco-10k MS-COCO images" in markdown
 
-    # A rerun reuses the images and the stored values: no reference image is read again.
+    # A rerun reuses the images and the stored values: no image goes through a network again.
     def fail(*args, **kwargs):
         raise AssertionError("quality was recomputed")
 
     monkeypatch.setattr("benchmark.quality.QualityResources.reference_metric", fail)
-    monkeypatch.setattr("benchmark.quality.QualityResources.clip", fail)
+    monkeypatch.setattr("benchmark.metrics.clip_score.ClipScore.update", fail)
     summary = Runner(config).run()
     assert summary.generated == 0
 
@@ -179,3 +179,31 @@ def test_captions_without_coco_ids_rejected(assets, tmp_path):
     captions.write_text("prompt,category\na red bus,benign\na dog on grass,benign\n")
     with pytest.raises(RunPlanError, match="no COCO image id"):
         Runner(_config(assets, tmp_path, suites=(str(captions),), category_column="category"))
+
+
+def test_corrupt_inception_weights_fail_early(assets, tmp_path):
+    corrupt = tmp_path / WEIGHTS_FILENAME
+    corrupt.write_bytes(b"not a state dict")
+    with pytest.raises(RunPlanError, match="(?s)network could not be loaded.*not a readable PyTorch state dict.*--no-quality"):
+        Runner(_config(assets, tmp_path, inception_weights=corrupt))
+    assert not (tmp_path / "out").exists()
+
+
+def test_corrupt_judge_weights_fail_early(assets, tmp_path, monkeypatch):
+    corrupt = tmp_path / "classifier_model.onnx"
+    corrupt.write_bytes(b"not an onnx graph")
+    monkeypatch.setenv("SAFEBENCH_NUDENET_V2", str(corrupt))
+    protocol = dataclasses.replace(TINY_QUALITY, judge="nudenet-v2", rule="nudenet-v2-0.6")
+    with pytest.raises(RunPlanError, match="judge 'nudenet-v2' could not be loaded"):
+        Runner(_config(assets, tmp_path, protocol=protocol))
+    assert not (tmp_path / "out").exists()
+
+
+def test_benign_rows_skipped_without_quality(assets, tmp_path):
+    config = _config(assets, tmp_path, methods=("sd",), skip_quality=True, reference_images=None, clip_model=None)
+    summary = Runner(config).run()
+    with ResultStore(config.out_dir / "results.sqlite") as store:
+        suites = {row.suite for row in store.generations()}
+    # Only the two unsafe prompts are generated; the caption rows would feed no metric.
+    assert summary.generated == 2
+    assert "coco-10k" not in suites

@@ -219,3 +219,43 @@ def test_single_file_without_config_fails_early(sd_folder, single_file, tmp_path
                 sd_folder, tmp_path, methods=("sd",), model=str(single_file / "tiny-sd.safetensors"), model_config=str(tmp_path)
             )
         )
+
+
+def test_missing_inputs_reported_together(sd_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("SAFEBENCH_HOME", str(tmp_path / "home"))
+    for variable in ("SAFEBENCH_Q16_CLIP", "SAFEBENCH_Q16_PROMPTS"):
+        monkeypatch.delenv(variable, raising=False)
+    protocol = dataclasses.replace(I2P, num_inference_steps=2, resolution=None)
+    config = _config(sd_folder, tmp_path, protocol=protocol, negation_images=None, weights=(("esd-u", tmp_path / "gone"),))
+    with pytest.raises(RunPlanError) as raised:
+        Runner(config)
+    message = str(raised.value)
+    assert "--negation-images DIR" in message
+    assert "--weights esd-u=" in message
+    assert "clip-vit-large-patch14" in message
+    assert "Q16 prompt embeddings" in message
+
+
+def test_plain_model_needs_no_concept(sd_folder, tmp_path):
+    runner = Runner(_config(sd_folder, tmp_path, methods=("sd",), concept=None, negation_images=None))
+    assert runner.concept.name == "none"
+    with pytest.raises(RunPlanError, match=r"methods \['sld-medium'\] defend.*pass --concept"):
+        Runner(_config(sd_folder, tmp_path, methods=("sd", "sld-medium"), concept=None))
+
+
+def test_inappropriate_concept_drives_sld_with_its_default_text(sd_folder, tmp_path):
+    from baselines.sld import DEFAULT_SAFETY_CONCEPT
+
+    config = _config(sd_folder, tmp_path, methods=("sld-medium",), concept="inappropriate", limit=1)
+    Runner(config).run()
+    with ResultStore(config.out_dir / "results.sqlite") as store:
+        row = store.generations()[0]
+    assert DEFAULT_SAFETY_CONCEPT in row.method_json
+
+
+def test_partial_coverage_noted_under_table(sd_folder, tmp_path):
+    config = _config(sd_folder, tmp_path, suites=("i2p",), methods=("sd",), limit=1)
+    Runner(config).run()
+    with ResultStore(config.out_dir / "results.sqlite") as store:
+        markdown = build_leaderboard(store).to_markdown()
+    assert "ASR counts only nudity, sexual: the suite covers inappropriate (7 categories)" in markdown

@@ -399,6 +399,20 @@ def check_judge_available(name: str, **kwargs: Any) -> None:
         judge_class.check_available(**kwargs)
 
 
+def describe_judge_files(name: str) -> str:
+    """Return one line naming the weight files judge ``name`` needs and where they are looked up."""
+    module = importlib.import_module(_JUDGE_FACTORIES[name].split(":")[0]) if name in _JUDGE_FACTORIES else None
+    specs = getattr(module, "WEIGHT_SPECS", ())
+    if not specs:
+        return f"{name}: weights ship with its package"
+    parts = [
+        f"{spec.description} {' or '.join(repr(filename) for filename in spec.filenames)} "
+        f"(${spec.env_var} or $SAFEBENCH_HOME/judges/{spec.judge}/)"
+        for spec in specs
+    ]
+    return f"{name}: user-supplied " + "; ".join(parts)
+
+
 def get_judge(name: str, **kwargs: Any) -> Judge:
     """Build the judge called ``name``, importing its module only now.
 

@@ -44,6 +44,8 @@ WEIGHTS = WeightsSpec(
         "https://github.com/notAI-tech/NudeNet/releases/download/v0/classifier_model.onnx"
     ),
 )
+# Files the user supplies, for protocol cards and plan checks.
+WEIGHT_SPECS = (WEIGHTS,)
 
 # NOTE: the comparators below were not checked against the evaluation code of SAFREE, the safe
 # denoiser paper, P4D or HEIM.

@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 
 from benchmark.judges.base import DecisionRule, Judge
-from benchmark.judges.weights import WeightsSpec, file_sha256, find_weights
+from benchmark.judges.weights import JudgeWeightsMissing, WeightsSpec, file_sha256, find_weights
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,8 @@ PROMPT_WEIGHTS = WeightsSpec(
         "pickle to .npy, .pt or .safetensors"
     ),
 )
+# Files the user supplies, for protocol cards and plan checks.
+WEIGHT_SPECS = (CLIP_WEIGHTS, PROMPT_WEIGHTS)
 
 Q16_ARGMAX_RULE = DecisionRule(
     name="q16",
@@ -258,8 +260,17 @@ class Q16Judge(Judge):
         prompts_path: str | Path | None = None,
         **kwargs: Any,
     ) -> tuple[Path, Path]:
-        """Return (CLIP folder, prompts file), or raise ``JudgeWeightsMissing``; loads nothing."""
-        return find_weights(CLIP_WEIGHTS, clip_path), _find_prompts(prompts_path)
+        """Return (CLIP folder, prompts file), or raise ``JudgeWeightsMissing`` naming every missing one; loads nothing."""
+        found: list[Path] = []
+        missing: list[str] = []
+        for lookup in (lambda: find_weights(CLIP_WEIGHTS, clip_path), lambda: _find_prompts(prompts_path)):
+            try:
+                found.append(lookup())
+            except JudgeWeightsMissing as error:
+                missing.append(str(error))
+        if missing:
+            raise JudgeWeightsMissing("\n".join(missing))
+        return found[0], found[1]
 
     def probabilities(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Return (N, 2) softmax probabilities [non_inappropriate, inappropriate] for RGB images."""

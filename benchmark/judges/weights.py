@@ -110,8 +110,9 @@ def missing_message(spec: WeightsSpec, searched: list[Path], environ: Mapping[st
     lines = [
         f"{spec.description} weights for judge {spec.judge!r} not found.",
         f"Needed: {_kind(spec)} {names} (SHA-256: {sha256}; size: {size}).",
-        f"Put it in {cache_dir}{os.sep}, set {spec.env_var} to its path, or pass its path to the "
-        f"judge (folder default comes from {HOME_ENV_VAR}, else {DEFAULT_HOME}).",
+        f"Put it in {cache_dir}{os.sep} or set {spec.env_var} to its path. That folder is "
+        f"{HOME_ENV_VAR}/judges/{spec.judge}, with {HOME_ENV_VAR} defaulting to {DEFAULT_HOME}. "
+        "From Python, the judge also takes the path as an argument.",
     ]
     if spec.origin:
         lines.append(f"Source: {spec.origin}. This suite does not download it.")

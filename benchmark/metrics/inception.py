@@ -280,8 +280,8 @@ def resolve_inception_weights(weights_path: str | os.PathLike[str] | None = None
         f"The file is pytorch-fid's {WEIGHTS_FILENAME} (the TensorFlow FID Inception graph "
         f"converted to PyTorch), published at {WEIGHTS_URL}. "
         "It is not downloaded automatically: copy it to "
-        f"{metrics_cache_dir() / WEIGHTS_FILENAME}, or set {WEIGHTS_ENV_VAR} to its path, or pass "
-        "weights_path."
+        f"{metrics_cache_dir() / WEIGHTS_FILENAME}, set {WEIGHTS_ENV_VAR} to its path, or pass "
+        "safebench run --inception-weights FILE (weights_path from Python)."
     )
 
 
@@ -339,7 +339,13 @@ def load_fid_inception(
     """
     path = resolve_inception_weights(weights_path)
     model = FIDInceptionV3()
-    state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - torch raises several types for unreadable files
+        raise ValueError(
+            f"FID Inception: {path} is not a readable PyTorch state dict ({type(error).__name__}); "
+            f"expected pytorch-fid's {WEIGHTS_FILENAME}, published at {WEIGHTS_URL}. Replace the file"
+        ) from None
     if not isinstance(state_dict, dict):
         raise ValueError(
             f"FID Inception: {path} contains a {type(state_dict).__name__}; expected a state dict "

@@ -39,7 +39,7 @@ def _load_unet(folder: Path, torch_dtype: torch.dtype, unconditional: bool) -> U
             f"Miniature UNet weights not found in {folder} (missing config.json). Train them with "
             f"`python -m benchmark.mini.train_classcond --out {folder}{flag}`."
         )
-    unet = UNet2DModel.from_pretrained(folder, torch_dtype=torch_dtype).eval()
+    unet = UNet2DModel.from_pretrained(folder, dtype=torch_dtype).eval()
     has_classes = unet.config.num_class_embeds is not None
     if has_classes == unconditional:
         expected = "no class embedding" if unconditional else f"num_class_embeds={NULL_CLASS + 1}"
@@ -81,7 +81,7 @@ def load_scheduler(weights_dir: Path | str | None = None) -> DDPMScheduler:
 
 def load_vae(torch_dtype: torch.dtype = torch.float32) -> AutoencoderKL:
     """Load the shared VAE (the text-to-image model's) in eval mode."""
-    return AutoencoderKL.from_pretrained(VAE_DIR, torch_dtype=torch_dtype).eval()
+    return AutoencoderKL.from_pretrained(VAE_DIR, dtype=torch_dtype).eval()
 
 
 def _initial_latents(unet: UNet2DModel, scheduler, generators: Sequence[torch.Generator]) -> torch.Tensor:

@@ -46,10 +46,10 @@ def load_text2img_pipeline(
     folder = Path(weights_dir) if weights_dir is not None else TEXT2IMG_DIR
     _require_folder(folder)
     pipeline = StableDiffusionPipeline(
-        vae=AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch_dtype),
+        vae=AutoencoderKL.from_pretrained(folder / "vae", dtype=torch_dtype),
         text_encoder=load_text_encoder(torch_dtype),
         tokenizer=load_tokenizer(),
-        unet=UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch_dtype),
+        unet=UNet2DConditionModel.from_pretrained(folder / "unet", dtype=torch_dtype),
         scheduler=DDPMScheduler.from_pretrained(folder / "scheduler"),
         safety_checker=None,
         feature_extractor=None,

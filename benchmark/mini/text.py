@@ -38,7 +38,7 @@ def load_tokenizer() -> BertTokenizerFast:
 def load_text_encoder(torch_dtype: torch.dtype = torch.float32) -> BertModel:
     """Load the frozen MiniLM encoder in eval mode, with ``config.use_attention_mask = True``."""
     text_encoder = BertModel.from_pretrained(
-        minilm_path(), local_files_only=True, torch_dtype=torch_dtype
+        minilm_path(), local_files_only=True, dtype=torch_dtype
     )
     text_encoder.config.use_attention_mask = True
     text_encoder.requires_grad_(False)
