@@ -58,6 +58,26 @@ def _parse_settings(values: list[str] | None) -> dict[str, dict[str, object]]:
     return overrides
 
 
+def _process_group() -> dict[str, object]:
+    """Return the Runner's rank arguments: one process, or the group a launcher started.
+
+    ``torchrun`` and ``accelerate launch`` set ``WORLD_SIZE``; accelerate then joins the process
+    group (NCCL on GPUs, gloo on CPUs) and provides the barrier.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return {}
+    import torch
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    return {
+        "rank": state.process_index,
+        "world_size": state.num_processes,
+        "local_rank": state.local_process_index,
+        "barrier": state.wait_for_everyone,
+    }
+
+
 def _command_run(args: argparse.Namespace) -> int:
     from benchmark.runner import RunConfig, RunPlanError, Runner
     from reports.leaderboard import build_leaderboard, write_leaderboard
@@ -101,8 +121,9 @@ def _command_run(args: argparse.Namespace) -> int:
             inception_weights=Path(args.inception_weights) if args.inception_weights else None,
             clip_model=Path(args.clip_model) if args.clip_model else None,
             skip_quality=args.no_quality,
+            device=args.device,
         )
-        runner = Runner(config)
+        runner = Runner(config, **_process_group())
     except (RunPlanError, ValueError) as error:
         print(f"safebench run: {error}", file=sys.stderr)
         return 2
@@ -121,6 +142,9 @@ def _command_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 130
+    if runner.rank != 0:
+        # The first process writes the leaderboard once every process has finished.
+        return 0
     with ResultStore(config.out_dir / "results.sqlite") as store:
         leaderboard = build_leaderboard(
             store,
@@ -214,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--inception-weights", default=None, help="pytorch-fid Inception weights file pt_inception-2015-12-05-6726825d.pth (default: $SAFEBENCH_FID_INCEPTION, else $SAFEBENCH_HOME/metrics/)")
     run.add_argument("--clip-model", default=None, help="CLIP model folder for the CLIP score, saved with save_pretrained (default: $SAFEBENCH_CLIP_SCORE_MODEL, else $SAFEBENCH_HOME/metrics/clip-vit-base-patch32)")
     run.add_argument("--no-quality", action="store_true", help="skip the protocol's quality metrics")
+    run.add_argument("--device", default=None, help="torch device of a real model, e.g. cpu, cuda or cuda:1 (default: this process's GPU if there is one, else cpu); the embedded models always run on the CPU")
     run.add_argument("--batch-size", type=int, default=32, help="images per pipeline call (default: 32)")
     run.add_argument("--limit", type=int, default=None, help="use only the first N rows of each suite")
     run.set_defaults(handler=_command_run)

@@ -116,8 +116,43 @@ def check_model_reference(model: str, config_folder: str | None = None) -> None:
         )
 
 
-def load_model(model: str, dtype: str = "float32", config_folder: str | None = None) -> LoadedModel:
-    """Load a text-to-image pipeline from the embedded default, a local folder, file or the cache."""
+def resolve_device(device: str | None, local_rank: int = 0) -> torch.device:
+    """Return the torch device of a run: ``device`` as given, else this process's GPU, else the CPU.
+
+    Raises:
+        ModelLoadError: ``device`` is not a device name, or names a CUDA device that is not available.
+    """
+    if device is None:
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ModelLoadError(f"--device {device!r} is not a device name; pass cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"--device {device!r}: no CUDA device is available here; pass --device cpu")
+    if resolved.type == "cuda" and resolved.index is None:
+        # Each process of a multi-process run takes the GPU of its local rank.
+        resolved = torch.device(f"cuda:{local_rank}")
+    return resolved
+
+
+def load_model(
+    model: str, dtype: str = "float32", config_folder: str | None = None, device: torch.device | str = "cpu"
+) -> LoadedModel:
+    """Load a text-to-image pipeline from the embedded default, a local folder, file or the cache.
+
+    Real models are moved to ``device``. The embedded models always run on the CPU, where their
+    published numbers were measured.
+    """
+    loaded = _load_model(model, dtype, config_folder)
+    if loaded.kind in ("folder", "file", "cache"):
+        loaded.pipeline.to(torch.device(device))
+    elif torch.device(device).type != "cpu":
+        logger.info("model %s is embedded and runs on the CPU; --device %s applies to real models only", model, device)
+    return loaded
+
+
+def _load_model(model: str, dtype: str, config_folder: str | None) -> LoadedModel:
     torch_dtype = _DTYPES[dtype]
     if model in PROMPTLESS_MODELS:
         return _load_latent_digit_model(model, torch_dtype)

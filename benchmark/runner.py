@@ -19,7 +19,7 @@ import re
 import subprocess
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from benchmark.models import (
     ModelLoadError,
     check_model_reference,
     load_model,
+    resolve_device,
 )
 from benchmark.protocols import Protocol, get_protocol
 from benchmark.store import GenerationRow, ResultStore
@@ -84,6 +85,8 @@ class RunConfig:
     clip_model: Path | None = None
     # Skip the protocol's quality metrics (the leaderboard shows none).
     skip_quality: bool = False
+    # Torch device of real models; None picks the GPU of this process when there is one, else the CPU.
+    device: str | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -200,10 +203,27 @@ def _job_key(model_id: str, method: MethodSpec, settings: dict, suite_sha: str, 
 class Runner:
     """Executes a ``RunConfig``. Construct, then call ``run()``."""
 
-    def __init__(self, config: RunConfig, *, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        config: RunConfig,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        local_rank: int = 0,
+        barrier: Callable[[], None] | None = None,
+    ):
+        """``rank`` of ``world_size`` processes generates every ``world_size``-th image; ``barrier``
+        waits for all processes (for example accelerate's ``PartialState().wait_for_everyone``)."""
         self.config = config
         self.rank = rank
         self.world_size = world_size
+        if world_size > 1 and barrier is None:
+            raise ValueError(f"a run of {world_size} processes needs a barrier that waits for all of them")
+        self._barrier = barrier or (lambda: None)
+        try:
+            self.device = resolve_device(config.device, local_rank)
+        except ModelLoadError as error:
+            raise RunPlanError(str(error)) from None
         self.out_dir = Path(config.out_dir)
         self._reported_benign_skips: set[str] = set()
         self.protocol, self.methods, self.suites, self.concept = self._validate_plan()
@@ -429,7 +449,7 @@ class Runner:
         self._benign_suites = {suite.spec.name: suite for suite in benign_suites}
         return resources
 
-    def _jobs(self, model: LoadedModel, runtime: MethodRuntime) -> list[Job]:
+    def _jobs(self, model: LoadedModel, runtime: MethodRuntime, *, shard: bool = True) -> list[Job]:
         jobs = []
         settings = runtime.resolved_settings()
         computes_quality = bool(self.protocol.quality) and not self.config.skip_quality
@@ -459,7 +479,7 @@ class Runner:
                     self.protocol.name,
                     " (--no-quality)" if self.config.skip_quality else "",
                 )
-        return jobs[self.rank :: self.world_size]
+        return jobs[self.rank :: self.world_size] if shard else jobs
 
     def run_id(self, model_id: str) -> str:
         payload = {
@@ -474,7 +494,9 @@ class Runner:
 
     def run(self) -> RunSummary:
         start = time.perf_counter()
-        model = load_model(self.config.model, dtype=self.protocol.dtype, config_folder=self.config.model_config)
+        model = load_model(
+            self.config.model, dtype=self.protocol.dtype, config_folder=self.config.model_config, device=self.device
+        )
         run_id = self.run_id(model.model_id)
         summary = RunSummary(run_id=run_id, out_dir=self.out_dir, protocol_id=self.protocol.protocol_id)
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -485,7 +507,7 @@ class Runner:
                 self.protocol.to_dict(),
                 {key: str(value) for key, value in asdict(self.config).items()},
                 code_version(),
-                environment(),
+                {**environment(), "device": str(self.device), "processes": self.world_size},
             )
             try:
                 # Every method is built before any image is generated, so a bad setting in the last
@@ -509,11 +531,19 @@ class Runner:
                     summary.generated += generated
                     summary.skipped += skipped
                     summary.scored += self._score(store, jobs)
-                    self._quality(store, runtime, jobs)
+                    if self.world_size == 1:
+                        self._quality(store, runtime, jobs)
+                if self.world_size > 1:
+                    # Quality compares whole image sets, so one process computes it once all have finished.
+                    self._barrier()
+                    if self.rank == 0:
+                        for runtime in runtimes:
+                            self._quality(store, runtime, self._jobs(model, runtime, shard=False))
             except BaseException:
                 store.finish_run(run_id, status="interrupted")
                 raise
-            store.finish_run(run_id)
+            if self.rank == 0:
+                store.finish_run(run_id)
         summary.seconds = time.perf_counter() - start
         return summary
 

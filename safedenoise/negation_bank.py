@@ -427,7 +427,8 @@ class NegationBank:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         metadata = {"format": _FORMAT, "provenance": json.dumps(self.provenance, sort_keys=True, default=str)}
-        temporary = path.with_name(path.name + ".tmp")
+        # A per-process temporary name, so processes of one multi-process run never write the same file.
+        temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         save_file({"latents": self.latents}, str(temporary), metadata=metadata)
         os.replace(temporary, path)
 

@@ -259,3 +259,11 @@ def test_partial_coverage_noted_under_table(sd_folder, tmp_path):
     with ResultStore(config.out_dir / "results.sqlite") as store:
         markdown = build_leaderboard(store).to_markdown()
     assert "ASR counts only nudity, sexual: the suite covers inappropriate (7 categories)" in markdown
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_unavailable_device_is_rejected(sd_folder, tmp_path):
+    with pytest.raises(RunPlanError, match="no CUDA device is available here; pass --device cpu"):
+        Runner(_config(sd_folder, tmp_path, methods=("sd",), device="cuda"))
+    with pytest.raises(RunPlanError, match="'gpu0' is not a device name"):
+        Runner(_config(sd_folder, tmp_path, methods=("sd",), device="gpu0"))

@@ -233,7 +233,8 @@ class ClipScore:
         self.tokenizer = tokenizer
         processor = _TruncatingClipProcessor(tokenizer, image_processor, self.max_text_tokens)
         adapter = _ProjectedFeatures(model)
-        self._metric = CLIPScore(model_name_or_path=lambda: (adapter, processor)).to(self.device)
+        # A multi-process run computes quality in one process, so the metric never syncs across processes.
+        self._metric = CLIPScore(model_name_or_path=lambda: (adapter, processor), sync_on_compute=False).to(self.device)
 
         self.weights_sha256 = sha256_of_file(weights_file)
         vision = model.config.vision_config

@@ -123,8 +123,8 @@ class FrechetDistance:
         device: where the extractor and the statistics live.
 
     Call ``update(images, real=True)`` for reference batches and ``real=False`` for generated
-    batches, then ``compute()``. The statistics are sums over images, which torchmetrics reduces
-    across processes when ``torch.distributed`` is initialised.
+    batches, then ``compute()``. The result covers this process's images only, also when
+    ``torch.distributed`` is initialised: a multi-process run computes quality in one process.
     """
 
     def __init__(
@@ -157,7 +157,7 @@ class FrechetDistance:
 
     def _new_metric(self) -> FrechetInceptionDistance:
         metric = FrechetInceptionDistance(
-            feature=self._features, reset_real_features=True, normalize=True
+            feature=self._features, reset_real_features=True, normalize=True, sync_on_compute=False
         )
         return metric.to(self.device)
 

@@ -116,6 +116,7 @@ class KernelDistance:
                 gamma=None if gamma is None else float(gamma),
                 coef=float(coef),
                 reset_real_features=True,
+                sync_on_compute=False,
             )
         self._metric = metric.to(self.device)
 
