@@ -145,6 +145,7 @@ def load_model(
     published numbers were measured.
     """
     loaded = _load_model(model, dtype, config_folder)
+    # NOTE: only the CPU path is tested; moving a real pipeline to CUDA has not been run on a GPU.
     if loaded.kind in ("folder", "file", "cache"):
         loaded.pipeline.to(torch.device(device))
     elif torch.device(device).type != "cpu":
