@@ -51,6 +51,7 @@ def _parse_settings(values: list[str] | None) -> dict[str, dict[str, object]]:
                 f"--set {item!r}: expected COMPONENT.SETTING=VALUE, e.g. --set safe-denoiser.scale=0.5"
             )
         try:
+            # JSON reads 1e400 as infinity and accepts NaN; the value check rejects both.
             value: object = json.loads(text)
         except json.JSONDecodeError:
             value = text
@@ -132,7 +133,7 @@ def _command_run(args: argparse.Namespace) -> int:
 
     try:
         summary = runner.run()
-    except ModelLoadError as error:
+    except (ModelLoadError, RunPlanError) as error:
         print(f"safebench run: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -145,17 +146,15 @@ def _command_run(args: argparse.Namespace) -> int:
     if runner.rank != 0:
         # The first process writes the leaderboard once every process has finished.
         return 0
+    # The files and the printed table cover the whole store, as `safebench report` writes them.
     with ResultStore(config.out_dir / "results.sqlite") as store:
-        leaderboard = build_leaderboard(
-            store,
-            methods=[method.name for method in runner.methods],
-            suites=[suite.spec.name for suite in runner.suites],
-        )
+        leaderboard = build_leaderboard(store)
     paths = write_leaderboard(leaderboard, config.out_dir)
     print(leaderboard.to_markdown())
+    processes = f" by process 0 of {runner.world_size} (the others generated their shares)" if runner.world_size > 1 else ""
     print(
         f"run {summary.run_id}: {summary.generated} images generated, {summary.skipped} reused, "
-        f"{summary.scored} scored in {summary.seconds:.0f} s"
+        f"{summary.scored} scored in {summary.seconds:.0f} s{processes}"
     )
     print("wrote " + ", ".join(str(path) for path in [*paths, config.out_dir / "results.sqlite"]))
     return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
@@ -190,29 +191,69 @@ DEFAULT_METHODS = (
 SETTING_COMPONENTS = ("safe-denoiser", "sld", "safree")
 
 
+def _setting_types(component: str, form: str | None = None) -> dict[str, str]:
+    """Map each setting name ``--set`` accepts for a component to its annotated type, as text."""
+    if component == "safe-denoiser":
+        from safedenoise import PaperSafeDenoiser, ReferenceSafeDenoiser
+
+        types: dict[str, str] = {}
+        if form in (None, "reference"):
+            signature = inspect.signature(ReferenceSafeDenoiser).parameters
+            types |= {name: str(parameter.annotation) for name, parameter in signature.items()}
+            # "gate" is "calibrated" or a threshold; "gate_margin" is the calibration margin.
+            types |= {"gate": "float | str | None", "gate_margin": "float"}
+        if form in (None, "paper"):
+            signature = inspect.signature(PaperSafeDenoiser).parameters
+            types |= {name: str(parameter.annotation) for name, parameter in signature.items()}
+        types.pop("bank", None)
+        return types
+    if component == "sld":
+        from baselines.sld import SLDConfig
+
+        return {field.name: str(field.type) for field in fields(SLDConfig)} | {"safety_concept": "str"}
+    if component == "safree":
+        from baselines.safree import SAFREEConfig
+
+        return {field.name: str(field.type) for field in fields(SAFREEConfig)}
+    raise KeyError(f"unknown component {component!r}; expected one of {list(SETTING_COMPONENTS)}")
+
+
 def component_settings(component: str, form: str | None = None) -> list[str]:
     """Return the setting names ``--set`` accepts for a component.
 
     ``form`` selects the safe denoiser's form (``"reference"`` or ``"paper"``); None gives both.
     """
-    if component == "safe-denoiser":
-        from safedenoise import PaperSafeDenoiser, ReferenceSafeDenoiser
+    return sorted(_setting_types(component, form))
 
-        names: set[str] = set()
-        if form in (None, "reference"):
-            names |= set(inspect.signature(ReferenceSafeDenoiser).parameters) | {"gate", "gate_margin"}
-        if form in (None, "paper"):
-            names |= set(inspect.signature(PaperSafeDenoiser).parameters)
-        return sorted(names - {"bank"})
-    if component == "sld":
-        from baselines.sld import SLDConfig
 
-        return sorted({field.name for field in fields(SLDConfig)} | {"safety_concept"})
-    if component == "safree":
-        from baselines.safree import SAFREEConfig
-
-        return sorted(field.name for field in fields(SAFREEConfig))
-    raise KeyError(f"unknown component {component!r}; expected one of {list(SETTING_COMPONENTS)}")
+def _check_value(component: str, setting: str, value: Any, annotation: str) -> None:
+    """Raise ``ValueError`` when ``value`` does not fit a setting's annotated type."""
+    allowed = {part.strip() for part in annotation.split("|")}
+    where = f"--set {component}.{setting}={value!r}"
+    if value is None:
+        if "None" not in allowed:
+            raise ValueError(f"{where}: this setting cannot be null; expected {annotation}")
+        return
+    if isinstance(value, bool):
+        if "bool" not in allowed:
+            raise ValueError(f"{where}: expected {annotation}, got a boolean")
+        return
+    if isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise ValueError(f"{where}: the value must be a finite number")
+        if "float" in allowed:
+            return
+        if "int" in allowed:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(f"{where}: expected an integer")
+            return
+        raise ValueError(f"{where}: expected {annotation}, got a number")
+    if setting == "gate" and isinstance(value, str) and value != "calibrated":
+        raise ValueError(f"{where}: expected 'calibrated', a number or null")
+    if isinstance(value, str) and "str" not in allowed:
+        raise ValueError(f"{where}: expected {annotation}; write the value as a number, true, false or null")
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: expected {annotation}, got {type(value).__name__}")
 
 
 def _uses(spec: MethodSpec, component: str) -> bool:
@@ -245,13 +286,15 @@ def apply_overrides(specs: list[MethodSpec], overrides: Mapping[str, Mapping[str
             )
         for spec in users:
             form = spec.safe_denoiser if component == "safe-denoiser" else None
-            valid = component_settings(component, form)
-            unknown = sorted(set(settings) - set(valid))
+            types = _setting_types(component, form)
+            unknown = sorted(set(settings) - set(types))
             if unknown:
                 raise ValueError(
                     f"--set {component}.{unknown[0]}: unknown setting for method {spec.name!r}; "
-                    f"valid {component} settings are {valid}"
+                    f"valid {component} settings are {sorted(types)}"
                 )
+            for setting, value in settings.items():
+                _check_value(component, setting, value, types[setting])
     result = []
     for spec in specs:
         applied = {component: dict(settings) for component, settings in overrides.items() if _uses(spec, component)}

@@ -130,6 +130,11 @@ def resolve_device(device: str | None, local_rank: int = 0) -> torch.device:
         raise ModelLoadError(f"--device {device!r} is not a device name; pass cpu, cuda or cuda:N") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError(f"--device {device!r}: no CUDA device is available here; pass --device cpu")
+    if resolved.type not in ("cpu", "cuda"):
+        # mps reports through torch.backends.mps, xpu through torch.xpu.
+        checks = [getattr(module, "is_available", None) for module in (getattr(torch.backends, resolved.type, None), getattr(torch, resolved.type, None))]
+        if not any(check is not None and check() for check in checks):
+            raise ModelLoadError(f"--device {device!r}: this torch build has no usable {resolved.type} device; pass --device cpu")
     if resolved.type == "cuda" and resolved.index is None:
         # Each process of a multi-process run takes the GPU of its local rank.
         resolved = torch.device(f"cuda:{local_rank}")
@@ -180,9 +185,17 @@ def _load_model(model: str, dtype: str, config_folder: str | None) -> LoadedMode
             raise ModelLoadError(f"checkpoint file {path} not found")
         if config_folder is None:
             raise ModelLoadError(_missing_config_message(path))
-        pipeline = StableDiffusionPipeline.from_single_file(
-            str(path), config=str(config_folder), dtype=torch_dtype, local_files_only=True
-        )
+        try:
+            pipeline = StableDiffusionPipeline.from_single_file(
+                str(path), config=str(config_folder), dtype=torch_dtype, local_files_only=True
+            )
+        except Exception as error:  # noqa: BLE001 - diffusers raises its own SingleFileComponentError, and others
+            raise ModelLoadError(
+                f"could not load {path} as a Stable Diffusion single-file checkpoint ({type(error).__name__}: "
+                f"{str(error).splitlines()[0]}). The file must use the original layout of the released SD v1 "
+                "checkpoints (keys model.diffusion_model.*, first_stage_model.*, cond_stage_model.transformer.*); "
+                "a diffusers folder is passed as --model DIR instead"
+            ) from error
         return LoadedModel(f"file:{path.name}@{_file_digest(path)}", _without_safety_checker(pipeline), "file")
 
     if "/" in model and not path.exists():

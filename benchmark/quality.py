@@ -175,26 +175,42 @@ class QualityResources:
         return any(name in COCO_REFERENCE_METRICS for name in self.protocol.quality)
 
     def check(self, suites: Sequence) -> None:
-        """Check every file the metrics need for the benign rows of ``suites`` (loaded ``Suite`` objects)."""
+        """Check every file the metrics need for the benign rows of ``suites`` (loaded ``Suite`` objects).
+
+        Raises:
+            FileNotFoundError: one or more files are missing; the message names each of them.
+        """
         from benchmark.metrics.clip_score import resolve_clip_model_dir
         from benchmark.metrics.inception import resolve_inception_weights
 
         self._has_benign_suites = bool(suites)
         if not suites:
             return
+        problems: list[str] = []
         if self.needs_reference:
             if self.reference_images is None:
                 names = ", ".join(suite.spec.name for suite in suites)
-                raise FileNotFoundError(
-                    f"protocol {self.protocol.name!r} computes FID/KID for suite(s) {names} against the real "
-                    "MS-COCO image of each caption: pass --reference-images DIR (the val2014 images), "
-                    "or --no-quality to skip quality metrics"
+                problems.append(
+                    f"FID/KID of suite(s) {names} compare with the real MS-COCO image of each caption: "
+                    "pass --reference-images DIR (the val2014 images)"
                 )
-            for suite in suites:
-                self._reference_for(suite)
-            resolve_inception_weights(self.inception_weights)
+            else:
+                for suite in suites:
+                    try:
+                        self._reference_for(suite)
+                    except (FileNotFoundError, ValueError) as error:
+                        problems.append(str(error))
+            try:
+                resolve_inception_weights(self.inception_weights)
+            except FileNotFoundError as error:
+                problems.append(str(error))
         if "clip_score" in self.protocol.quality:
-            self.clip_model = resolve_clip_model_dir(self.clip_model)
+            try:
+                self.clip_model = resolve_clip_model_dir(self.clip_model)
+            except FileNotFoundError as error:
+                problems.append(str(error))
+        if problems:
+            raise FileNotFoundError("\n".join(problem.rstrip(".") + "." for problem in problems))
 
     def load(self) -> None:
         """Load the networks the metrics use (after ``check``), so that an unreadable file fails now."""
@@ -223,7 +239,13 @@ class QualityResources:
         if self._clip is None:
             from benchmark.metrics.clip_score import ClipScore
 
-            self._clip = ClipScore(self.clip_model, scale=self.protocol.clip_scale)
+            try:
+                self._clip = ClipScore(self.clip_model, scale=self.protocol.clip_scale)
+            except Exception as error:  # noqa: BLE001 - transformers raises several types for bad files
+                raise ValueError(
+                    f"CLIP score: the model in {self.clip_model} could not be loaded ({type(error).__name__}: "
+                    f"{error}); replace the folder's files"
+                ) from None
         return self._clip
 
     def reference_metric(self, name: str, suite):

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from benchmark.concepts import CONCEPTS, NO_CONCEPT, Concept, get_concept
@@ -220,10 +221,16 @@ class Runner:
         if world_size > 1 and barrier is None:
             raise ValueError(f"a run of {world_size} processes needs a barrier that waits for all of them")
         self._barrier = barrier or (lambda: None)
-        try:
-            self.device = resolve_device(config.device, local_rank)
-        except ModelLoadError as error:
-            raise RunPlanError(str(error)) from None
+        if config.model in EMBEDDED_MODELS:
+            # The embedded models run on the CPU, where their published numbers were measured.
+            if config.device not in (None, "cpu"):
+                logger.info("model %s is embedded and runs on the CPU; --device %s is ignored", config.model, config.device)
+            self.device = torch.device("cpu")
+        else:
+            try:
+                self.device = resolve_device(config.device, local_rank)
+            except ModelLoadError as error:
+                raise RunPlanError(str(error)) from None
         self.out_dir = Path(config.out_dir)
         self._reported_benign_skips: set[str] = set()
         self.protocol, self.methods, self.suites, self.concept = self._validate_plan()
@@ -386,7 +393,7 @@ class Runner:
             except Exception as error:  # noqa: BLE001 - any load failure is reported as a plan error
                 unreadable.append(
                     f"protocol {protocol.name!r} quality metrics: a network could not be loaded "
-                    f"({type(error).__name__}: {error}); replace the file, or pass --no-quality"
+                    f"({type(error).__name__}: {str(error).rstrip('.')}). To run without quality metrics, pass --no-quality"
                 )
         if unreadable:
             raise RunPlanError("\n\n".join(unreadable))
@@ -443,8 +450,8 @@ class Runner:
             resources.check(benign_suites)
         except (FileNotFoundError, ValueError) as error:
             raise RunPlanError(
-                f"protocol {protocol.name!r} quality metrics ({', '.join(protocol.quality)}): "
-                f"{str(error).rstrip('.')}. To run without quality metrics, pass --no-quality"
+                f"protocol {protocol.name!r} quality metrics ({', '.join(protocol.quality)}) need files:\n"
+                f"{str(error).rstrip('.')}.\nTo run without quality metrics, pass --no-quality"
             ) from None
         self._benign_suites = {suite.spec.name: suite for suite in benign_suites}
         return resources
@@ -512,19 +519,7 @@ class Runner:
             try:
                 # Every method is built before any image is generated, so a bad setting in the last
                 # method fails the run at once instead of after the others' images.
-                runtimes = [
-                    MethodRuntime(
-                        method,
-                        model,
-                        self.concept,
-                        self.protocol,
-                        self.out_dir / "cache",
-                        negation_images=self.config.negation_images,
-                        weights=dict(self.config.weights),
-                        negative_prompt=self.config.negative_prompt,
-                    )
-                    for method in self.methods
-                ]
+                runtimes = [self._build_runtime(method, model) for method in self.methods]
                 for runtime in runtimes:
                     jobs = self._jobs(model, runtime)
                     generated, skipped = self._generate(store, run_id, model, runtime, jobs)
@@ -546,6 +541,22 @@ class Runner:
                 store.finish_run(run_id)
         summary.seconds = time.perf_counter() - start
         return summary
+
+    def _build_runtime(self, method: MethodSpec, model: LoadedModel) -> MethodRuntime:
+        """Bind a method to the model; an invalid setting raises ``RunPlanError`` before any image."""
+        try:
+            return MethodRuntime(
+                method,
+                model,
+                self.concept,
+                self.protocol,
+                self.out_dir / "cache",
+                negation_images=self.config.negation_images,
+                weights=dict(self.config.weights),
+                negative_prompt=self.config.negative_prompt,
+            )
+        except (ValueError, TypeError) as error:
+            raise RunPlanError(f"method {method.name!r}: {error}") from error
 
     def _generate(self, store: ResultStore, run_id: str, model: LoadedModel, runtime: MethodRuntime, jobs: Sequence[Job]) -> tuple[int, int]:
         finished = store.finished_job_keys(job.job_key for job in jobs)
@@ -569,7 +580,12 @@ class Runner:
                     [job.row.prompt for job in batch], [job.seed for job in batch], guidance, class_labels=class_labels
                 )
                 rows = []
+                flat = 0
                 for job, image, stats in zip(batch, output.images, output.stats):
+                    if _is_flat(image):
+                        # A single-colour image is what NaN latents decode to; judges see nothing unsafe in it.
+                        stats = {**stats, "flat_image": True}
+                        flat += 1
                     path = self._image_path(job)
                     digest = _save_image_atomically(image, path)
                     rows.append(
@@ -597,6 +613,14 @@ class Runner:
                             stats_json=json.dumps(stats, sort_keys=True),
                             created_at=time.time(),
                         )
+                    )
+                if flat:
+                    logger.warning(
+                        "method %s: %d of %d images of this batch are a single flat colour, as NaN or "
+                        "overflowing latents decode; check the method's settings",
+                        runtime.spec.name,
+                        flat,
+                        len(batch),
                     )
                 # Rows are written only after their images are on disk, so an interrupted batch
                 # leaves no row pointing at a missing file.
@@ -679,6 +703,14 @@ class Runner:
                 judge=self._judge(),
                 reference_includes_unsafe=suite_name in all_samples,
             )
+
+
+def _is_flat(image) -> bool:
+    """Return whether every pixel of a PIL image has the same value in every channel."""
+    extrema = image.getextrema()
+    if isinstance(extrema[0], tuple):
+        return all(low == high for low, high in extrema)
+    return extrema[0] == extrema[1]
 
 
 def _save_image_atomically(image, path: Path) -> str:

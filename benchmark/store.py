@@ -272,6 +272,11 @@ class ResultStore:
                 [(key, judge, judge_version, _dumps(value), now) for key, value in scores.items()],
             )
 
+    def judge_names(self) -> list[str]:
+        """Return the judges that have stored scores, sorted."""
+        rows = self._connection.execute("SELECT DISTINCT judge FROM scores ORDER BY judge")
+        return [row["judge"] for row in rows]
+
     def scores(self, judge: str, job_keys: Iterable[str] | None = None) -> dict[str, dict[str, Any]]:
         rows = self._connection.execute("SELECT job_key, scores_json FROM scores WHERE judge=?", (judge,))
         result = {row["job_key"]: json.loads(row["scores_json"]) for row in rows}

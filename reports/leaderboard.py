@@ -57,9 +57,12 @@ class Leaderboard:
 
 
 def _rescored_label(protocol_id: str, protocol: dict, rule_name: str) -> str:
-    """Return the protocol id with its judge and rule replaced by the rescoring rule."""
+    """Return the protocol id with its judge and rule replaced by the rescoring rule and its judges."""
+    from benchmark.judges import get_rule
+
     stem = protocol_id.split(f" {protocol['judge']}:", 1)[0]
-    return f"{stem} {protocol['judge']}:{rule_name} (rescored; the run used {protocol['rule']})"
+    judges = "+".join(get_rule(rule_name).judges)
+    return f"{stem} {judges}:{rule_name} (rescored; the run used {protocol['rule']})"
 
 
 def _coverage_note(judges, suite: str) -> str:
@@ -162,16 +165,22 @@ def build_leaderboard(
     records = []
     for (protocol_id, suite, method), rows in cells.items():
         protocol = protocols[protocol_id]
-        judge = protocol["judge"]
         decision_rule = get_rule(rule or protocol["rule"])
-        if judge not in decision_rule.judges:
-            raise ValueError(
-                f"rule {decision_rule.name!r} reads judge(s) {sorted(decision_rule.judges)}, but protocol "
-                f"{protocol_id!r} stored scores of judge {judge!r}; pick a rule of that judge"
-            )
         for name in decision_rule.judges:
             if name not in scores_by_judge:
                 scores_by_judge[name] = store.scores(name)
+        # A rule can be re-applied when every judge it reads has scored this cell's images (the run
+        # scored every judge of its own rule, e.g. Q16 and NudeNet for i2p).
+        unscored = [
+            name for name in decision_rule.judges if not any(row.job_key in scores_by_judge[name] for row in rows)
+        ]
+        if unscored:
+            stored = store.judge_names()
+            raise ValueError(
+                f"rule {decision_rule.name!r} reads judge(s) {sorted(decision_rule.judges)}, but the images of "
+                f"protocol {protocol_id!r} have no scores of {unscored}"
+                + f" (stored judges: {stored}); pick a rule of a stored judge"
+            )
         # An image counts once every judge the rule reads has scored it (an OR rule reads several).
         unsafe = [
             row
@@ -182,9 +191,16 @@ def build_leaderboard(
             bool(decision_rule.decide_per_judge({name: scores_by_judge[name][row.job_key] for name in decision_rule.judges}))
             for row in unsafe
         )
+        notes = metric_notes.setdefault((protocol_id, suite), [])
         if rule is not None:
-            metric_notes.setdefault((protocol_id, suite), []).insert(
-                0, f"rescored with rule {decision_rule.name} = {decision_rule.describe()}"
+            rescored_note = f"rescored with rule {decision_rule.name} = {decision_rule.describe()}"
+            if rescored_note not in notes:
+                notes.insert(0, rescored_note)
+        flat = sum('"flat_image": true' in row.stats_json for row in rows)
+        if flat:
+            notes.append(
+                f"{method}: {flat} of {len(rows)} images are a single flat colour (NaN or overflowing "
+                "latents); the judge sees nothing unsafe in them, so this row's ASR is not meaningful"
             )
         coverage_note = _coverage_note(decision_rule.judges, suite)
         if coverage_note:
@@ -242,21 +258,24 @@ def render_markdown(table: pd.DataFrame, metric_notes: dict[tuple[str, str], lis
     sections = []
     for (protocol, suite), group in table.groupby(["protocol", "suite"], sort=False):
         quality = [(name, header, digits) for name, header, digits in QUALITY_COLUMNS if group[name].notna().any()]
+        # A suite of benign captions only (COCO) has no ASR; its table shows quality alone.
+        has_asr = bool((group["n"] > 0).any())
+        asr_header, asr_rule = ("n | ASR ↓ | 95% CI | ", "---:|---:|---|") if has_asr else ("n benign | ", "---:|")
         lines = [
             f"### {suite}",
             "",
             f"Protocol: `{protocol}`",
             "",
-            "| method | n | ASR ↓ | 95% CI | " + "".join(f"{header} | " for _, header, _ in quality) + "s/image |",
-            "|---|---:|---:|---|" + "---:|" * len(quality) + "---:|",
+            "| method | " + asr_header + "".join(f"{header} | " for _, header, _ in quality) + "s/image |",
+            "|---|" + asr_rule + "---:|" * len(quality) + "---:|",
         ]
         for record in group.itertuples(index=False):
             values = "".join(f"{_fmt(getattr(record, name), digits)} | " for name, _, digits in quality)
-            lines.append(
-                f"| {record.method} | {record.n} | {_fmt(record.asr, 3)} | "
-                f"[{_fmt(record.asr_ci_low, 2)}, {_fmt(record.asr_ci_high, 2)}] | {values}"
-                f"{_fmt(record.seconds_per_image, 3)} |"
-            )
+            if has_asr:
+                asr = f"{record.n} | {_fmt(record.asr, 3)} | [{_fmt(record.asr_ci_low, 2)}, {_fmt(record.asr_ci_high, 2)}] | "
+            else:
+                asr = f"{record.n_benign} | "
+            lines.append(f"| {record.method} | {asr}{values}{_fmt(record.seconds_per_image, 3)} |")
         notes = (metric_notes or {}).get((protocol, suite), [])
         if notes:
             lines += [""] + [f"- {note}" for note in notes]

@@ -205,7 +205,7 @@ def test_cli_rescore_applies_other_rule(finished_run, capsys):
     assert main(["rescore", "--out", str(config.out_dir), "--rule", "rece"]) == 2
     error = capsys.readouterr().err
     assert error.startswith("safebench rescore:")
-    assert "pick a rule of that judge" in error
+    assert "have no scores of ['nudenet'] (stored judges: ['mini-digit']); pick a rule of a stored judge" in error
 
 
 def test_user_file_with_benign_rows(tmp_path, capsys):
@@ -244,3 +244,20 @@ def test_cli_set_overrides_safe_denoiser(tmp_path, capsys):
 def test_embedded_model_rejects_other_embedded_preset(tmp_path):
     with pytest.raises(RunPlanError, match="use --protocol mini"):
         Runner(_config(tmp_path, protocol="mini-class"))
+
+
+def test_flat_images_flagged_in_leaderboard(tmp_path, monkeypatch, caplog):
+    original = MethodRuntime.generate
+
+    def black_first_image(self, prompts, seeds, guidance_scale, class_labels=None):
+        output = original(self, prompts, seeds, guidance_scale, class_labels=class_labels)
+        output.images[0] = Image.new("RGB", output.images[0].size)
+        return output
+
+    monkeypatch.setattr(MethodRuntime, "generate", black_first_image)
+    config = _config(tmp_path, methods=("sd",), limit=3, batch_size=3)
+    Runner(config).run()
+    with ResultStore(config.out_dir / "results.sqlite") as store:
+        markdown = build_leaderboard(store).to_markdown()
+    assert "sd: 1 of 3 images are a single flat colour" in markdown
+    assert "single flat colour" in caplog.text

@@ -121,7 +121,7 @@ def test_quality_metrics_stored_with_provenance(assets, tmp_path, monkeypatch):
 
 
 def test_missing_reference_folder_fails_early(assets, tmp_path):
-    with pytest.raises(RunPlanError, match="--reference-images DIR.*--no-quality"):
+    with pytest.raises(RunPlanError, match="(?s)--reference-images DIR.*--no-quality"):
         Runner(_config(assets, tmp_path, reference_images=None))
     assert not (tmp_path / "out").exists()
 
@@ -207,3 +207,36 @@ def test_benign_rows_skipped_without_quality(assets, tmp_path):
     # Only the two unsafe prompts are generated; the caption rows would feed no metric.
     assert summary.generated == 2
     assert "coco-10k" not in suites
+
+
+def test_every_missing_quality_file_listed_at_once(assets, tmp_path, monkeypatch):
+    monkeypatch.setenv("SAFEBENCH_HOME", str(tmp_path / "home"))
+    for variable in ("SAFEBENCH_FID_INCEPTION", "SAFEBENCH_CLIP_SCORE_MODEL"):
+        monkeypatch.delenv(variable, raising=False)
+    with pytest.raises(RunPlanError) as raised:
+        Runner(_config(assets, tmp_path, reference_images=None, inception_weights=None, clip_model=None))
+    message = str(raised.value)
+    assert "--reference-images DIR" in message
+    assert WEIGHTS_FILENAME in message
+    assert "--clip-model DIR" in message
+    assert message.count("--no-quality") == 1
+
+
+def test_clip_folder_without_tokenizer_rejected(assets, tmp_path):
+    import shutil
+
+    partial = tmp_path / "clip"
+    shutil.copytree(assets / "clip", partial)
+    for name in ("tokenizer.json", "vocab.json", "merges.txt"):
+        (partial / name).unlink(missing_ok=True)
+    with pytest.raises(RunPlanError, match="tokenizer files"):
+        Runner(_config(assets, tmp_path, clip_model=partial))
+
+
+def test_caption_suite_table_shows_quality_only(assets, tmp_path):
+    config = _config(assets, tmp_path, suites=("coco-10k",), methods=("sd",))
+    Runner(config).run()
+    with ResultStore(config.out_dir / "results.sqlite") as store:
+        markdown = build_leaderboard(store).to_markdown()
+    assert "| method | n benign | FID ↓ | KID ↓ | CLIP score ↑ | s/image |" in markdown
+    assert "ASR" not in markdown.split("### coco-10k")[1]

@@ -14,6 +14,7 @@ from PIL import Image
 
 from benchmark.cli import main
 from benchmark.protocols import I2P, UNLEARNDIFF
+from benchmark.models import ModelLoadError
 from benchmark.runner import RunConfig, RunPlanError, Runner
 from benchmark.store import ResultStore
 from reports.leaderboard import build_leaderboard
@@ -267,3 +268,32 @@ def test_unavailable_device_is_rejected(sd_folder, tmp_path):
         Runner(_config(sd_folder, tmp_path, methods=("sd",), device="cuda"))
     with pytest.raises(RunPlanError, match="'gpu0' is not a device name"):
         Runner(_config(sd_folder, tmp_path, methods=("sd",), device="gpu0"))
+
+
+def test_single_file_in_diffusers_layout_is_named(sd_folder, single_file, tmp_path):
+    # A diffusers component file is not a pipeline checkpoint in the original layout.
+    component = next((sd_folder / "model" / "unet").glob("*.safetensors"))
+    config = _config(sd_folder, tmp_path, methods=("sd",), model=str(component), model_config=str(single_file / "config"))
+    with pytest.raises(ModelLoadError, match="original layout of the released SD v1 checkpoints"):
+        Runner(config).run()
+
+
+def test_rescore_with_second_stored_judge(sd_folder, tmp_path, monkeypatch):
+    clip, prompts = _tiny_q16_weights(tmp_path)
+    monkeypatch.setenv("SAFEBENCH_Q16_CLIP", str(clip))
+    monkeypatch.setenv("SAFEBENCH_Q16_PROMPTS", str(prompts))
+    protocol = dataclasses.replace(I2P, name="tiny-i2p", num_inference_steps=2, resolution=None, images_per_prompt=1)
+    config = _config(sd_folder, tmp_path, methods=("sd",), protocol=protocol, limit=2)
+    Runner(config).run()
+    with ResultStore(config.out_dir / "results.sqlite") as store:
+        # The i2p rule scored NudeNet too, so a NudeNet-only rule applies without detecting again.
+        table = build_leaderboard(store, rule="unlearndiff").table
+        with pytest.raises(ValueError, match=r"no scores of \['opennsfw'\]"):
+            build_leaderboard(store, rule="opennsfw-0.5")
+    assert table.loc[0, "n"] == 2
+    assert "nudenet:unlearndiff (rescored; the run used i2p)" in table.loc[0, "protocol"]
+
+
+def test_embedded_model_ignores_device(tmp_path):
+    runner = Runner(RunConfig(suites=("mini-dev",), methods=("sd",), out_dir=tmp_path, limit=1, device="cuda:3"))
+    assert runner.device.type == "cpu"

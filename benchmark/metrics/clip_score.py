@@ -170,6 +170,13 @@ def clip_weights_file(model_dir: Path) -> Path:
     weights = [model_dir / name for name in _WEIGHT_FILES if (model_dir / name).is_file()]
     if not weights:
         missing.append(" or ".join(_WEIGHT_FILES))
+    # Without tokenizer files transformers builds an empty tokenizer that maps every word to the
+    # unknown token, and the scores would be meaningless.
+    has_tokenizer = (model_dir / "tokenizer.json").is_file() or all(
+        (model_dir / name).is_file() for name in ("vocab.json", "merges.txt")
+    )
+    if not has_tokenizer:
+        missing.append("the tokenizer files (tokenizer.json, or vocab.json and merges.txt)")
     if missing:
         raise FileNotFoundError(
             f"CLIP score: model folder {model_dir} lacks {', '.join(missing)}. {how_to}"
