@@ -210,6 +210,12 @@ def _command_list(args: argparse.Namespace) -> int:
 
         for protocol in PROTOCOLS.values():
             print(f"{protocol.name:<14}  {protocol.protocol_id}")
+    elif args.what == "concepts":
+        from benchmark.concepts import CONCEPTS
+
+        for concept in CONCEPTS.values():
+            source = "--negation-images DIR needed" if concept.needs_negation_images else "negation set ships"
+            print(f"{concept.name:<14}  {concept.description} ({source})")
     return 0
 
 
@@ -257,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     card.set_defaults(handler=_command_protocol)
 
     listing = commands.add_parser("list", help="list suites, methods or protocols")
-    listing.add_argument("what", choices=["suites", "methods", "protocols"])
+    listing.add_argument("what", choices=["suites", "methods", "protocols", "concepts"])
     listing.set_defaults(handler=_command_list)
     return parser
 

@@ -79,3 +79,12 @@ def test_card_lists_every_judge_and_file():
     quality_card = get_protocol("safe-denoiser").card()
     assert "--inception-weights" in quality_card
     assert "$SAFEBENCH_NUDENET_V2" in quality_card
+
+
+def test_cli_lists_concepts(capsys):
+    from benchmark.cli import main
+
+    assert main(["list", "concepts"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ["digit-7", "nudity", "inappropriate"]
+    assert "--negation-images DIR needed" in lines[1]
