@@ -507,7 +507,12 @@ class Runner:
         run_id = self.run_id(model.model_id)
         summary = RunSummary(run_id=run_id, out_dir=self.out_dir, protocol_id=self.protocol.protocol_id)
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.world_size > 1 and self.rank != 0:
+            # The first process creates the store (schema, WAL mode) before the others open it.
+            self._barrier()
         with ResultStore(self.out_dir / "results.sqlite") as store:
+            if self.world_size > 1 and self.rank == 0:
+                self._barrier()
             store.begin_run(
                 run_id,
                 self.protocol.protocol_id,

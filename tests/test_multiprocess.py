@@ -37,13 +37,19 @@ def test_two_processes_match_one(tmp_path):
     args = ["run", "--suite", str(prompts), "--prompt-column", "text", "--category-column", "kind", "--method", "sd,safe-denoiser"]
     torchrun = TORCHRUN
     environment = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    logs = tmp_path / "logs"
+    # --standalone picks a free rendezvous port; --redirects keeps each process's output for a failure report.
     completed = subprocess.run(
-        [torchrun, "--nproc_per_node", "2", "-m", "benchmark.cli", *args, "--out", str(tmp_path / "two")],
+        [torchrun, "--standalone", "--nproc_per_node", "2", "--redirects", "3", "--log-dir", str(logs),
+         "-m", "benchmark.cli", *args, "--out", str(tmp_path / "two")],
         capture_output=True, text=True, timeout=300, env=environment,
     )
-    assert completed.returncode == 0, completed.stderr[-2000:]
+    if completed.returncode != 0:
+        process_logs = "\n".join(f"--- {path}\n{path.read_text()[-3000:]}" for path in sorted(logs.rglob("std*.log")))
+        pytest.fail(f"torchrun exited with {completed.returncode}:\n{completed.stderr[-1000:]}\n{process_logs}")
     # Only the first process prints the leaderboard.
-    assert completed.stdout.count("| method |") == 1
+    printed = "".join(path.read_text() for path in logs.rglob("stdout.log"))
+    assert printed.count("| method |") == 1
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
 
     stores = {}
