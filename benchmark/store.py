@@ -12,6 +12,7 @@ is finished.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -19,6 +20,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 
@@ -125,11 +128,22 @@ class ResultStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._connection = sqlite3.connect(self.path, timeout=timeout_s, isolation_level=None)
         self._connection.row_factory = sqlite3.Row
-        self._connection.execute("PRAGMA journal_mode=WAL")
         self._connection.execute(f"PRAGMA busy_timeout={int(timeout_s * 1000)}")
-        self._connection.execute("PRAGMA foreign_keys=ON")
-        self._connection.executescript(_SCHEMA)
-        self._check_schema_version()
+        # While another process creates the same file, switching it to WAL can fail at once with
+        # "database is locked" instead of waiting for the busy timeout. So the set-up is retried.
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self._connection.execute("PRAGMA journal_mode=WAL")
+                self._connection.execute("PRAGMA foreign_keys=ON")
+                self._connection.executescript(_SCHEMA)
+                self._check_schema_version()
+                break
+            except sqlite3.OperationalError as error:
+                if "locked" not in str(error) or time.monotonic() > deadline:
+                    raise
+                logger.debug("results store %s is locked while opening; retrying", self.path)
+                time.sleep(0.1)
 
     def _check_schema_version(self) -> None:
         row = self._connection.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()

@@ -130,3 +130,23 @@ def test_concurrent_writers_lose_nothing(tmp_path):
         assert process.exitcode == 0
     with ResultStore(path) as store:
         assert len(store.generations()) == 120
+
+
+def _open_and_write(path, worker):
+    from benchmark.store import ResultStore
+
+    with ResultStore(path) as store:
+        store.begin_run(f"run-{worker}", "p", {}, {}, "code", {})
+    return worker
+
+
+def test_processes_create_one_store_together(tmp_path):
+    import multiprocessing
+
+    path = tmp_path / "results.sqlite"
+    context = multiprocessing.get_context("fork")
+    with context.Pool(4) as pool:
+        finished = pool.starmap(_open_and_write, [(path, worker) for worker in range(8)])
+    assert sorted(finished) == list(range(8))
+    with ResultStore(path) as store:
+        assert len(store.runs()) == 8
