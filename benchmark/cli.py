@@ -230,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--suite", action="append", help="prompt suite name or CSV/JSONL path; repeat or comma-separate (default for an embedded model: the suite of the same name)")
     run.add_argument("--method", action="append", help=f"method names; repeat or comma-separate (default: {','.join(DEFAULT_METHODS)})")
     run.add_argument("--protocol", default=None, help="protocol preset name (default for an embedded model: the preset of the same name)")
-    run.add_argument("--concept", default=None, help="unsafe concept the defenses target (default for --model mini: digit-7)")
+    run.add_argument("--concept", default=None, help="unsafe concept the defenses target: digit-7, nudity or inappropriate (see `safebench list concepts`; default for the embedded models: digit-7; not needed when every method is undefended)")
     run.add_argument("--out", default=str(Path("results") / "mini"), help="output directory for images, results.sqlite and leaderboards (default: results/mini)")
     run.add_argument("--negation-images", default=None, help="folder of unwanted images for the safe denoiser's negation set (required for real models)")
     run.add_argument("--weights", action="append", help="replacement UNet of an unlearning method, NAME=PATH (e.g. esd-u=DIR); repeatable")
