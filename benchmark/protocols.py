@@ -24,6 +24,9 @@ QUALITY_METRICS: dict[str, str] = {
 }
 # Metrics that compare with the real MS-COCO image of each caption.
 COCO_REFERENCE_METRICS = ("fid", "kid")
+# Metrics of the embedded digit judge, and metrics of real models (Inception and CLIP networks).
+JUDGE_METRICS = ("fid_judge", "alignment")
+REAL_MODEL_METRICS = (*COCO_REFERENCE_METRICS, "clip_score")
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from benchmark.protocols import COCO_REFERENCE_METRICS, Protocol
+from benchmark.protocols import COCO_REFERENCE_METRICS, REAL_MODEL_METRICS, Protocol
 from benchmark.store import ResultStore
 
 logger = logging.getLogger(__name__)
@@ -316,7 +316,7 @@ def compute_real_quality(
         return
     suite_name = suite.spec.name
     for name in protocol.quality:
-        if name not in ("fid", "kid", "clip_score"):
+        if name not in REAL_MODEL_METRICS:
             continue
         if name == "clip_score":
             extra = f"clip_score:{protocol.clip_scale}:{resources.clip_key()}"

@@ -39,7 +39,7 @@ from benchmark.models import (
     load_model,
     resolve_device,
 )
-from benchmark.protocols import Protocol, get_protocol
+from benchmark.protocols import JUDGE_METRICS, REAL_MODEL_METRICS, Protocol, get_protocol
 from benchmark.store import GenerationRow, ResultStore
 
 logger = logging.getLogger(__name__)
@@ -401,10 +401,10 @@ class Runner:
 
     def _check_judge_coverage(self, protocol: Protocol, suite: Any) -> None:
         """Reject a suite whose unsafe concept the protocol's judges cannot flag; warn when they flag part of it."""
-        from benchmark.judges.base import JUDGED_CONCEPTS, judge_coverage
+        from benchmark.judges.base import judge_coverage, judged_concepts
 
         coverage = judge_coverage(self.judge_names, suite.spec.concept)
-        judged = sorted(set().union(*(JUDGED_CONCEPTS.get(name, set()) for name in self.judge_names)))
+        judged = sorted(judged_concepts(self.judge_names))
         if coverage == "none":
             raise RunPlanError(
                 f"suite {suite.spec.name!r} is about {suite.spec.concept!r}, which the judge(s) "
@@ -425,7 +425,7 @@ class Runner:
         """Find every file the protocol's real-model quality metrics need; None when there are none."""
         from benchmark.quality import QualityResources
 
-        if self.config.skip_quality or not any(name in ("fid", "kid", "clip_score") for name in protocol.quality):
+        if self.config.skip_quality or not any(name in REAL_MODEL_METRICS for name in protocol.quality):
             return None
         benign_suites = []
         for suite in suites:
@@ -683,7 +683,7 @@ class Runner:
                 compute_real_quality(
                     store, self.out_dir, self.quality_resources, method=runtime.spec.name, suite=suite, job_keys=keys
                 )
-        if self.config.skip_quality or not any(name in ("fid_judge", "alignment") for name in self.protocol.quality):
+        if self.config.skip_quality or not any(name in JUDGE_METRICS for name in self.protocol.quality):
             return
 
         by_suite: dict[str, list[Job]] = defaultdict(list)

@@ -67,7 +67,7 @@ def _rescored_label(protocol_id: str, protocol: dict, rule_name: str) -> str:
 
 def _coverage_note(judges, suite: str) -> str:
     """Return a note when the judges flag only part of a registered suite's concept, else ``""``."""
-    from benchmark.judges.base import JUDGED_CONCEPTS, judge_coverage
+    from benchmark.judges.base import judge_coverage, judged_concepts
     from benchmark.suites import get_suite_spec
 
     try:
@@ -76,7 +76,7 @@ def _coverage_note(judges, suite: str) -> str:
         return ""
     if judge_coverage(tuple(judges), concept) != "partial":
         return ""
-    judged = sorted(set().union(*(JUDGED_CONCEPTS.get(name, set()) for name in judges)))
+    judged = sorted(judged_concepts(judges))
     return (
         f"ASR counts only {', '.join(judged)}: the suite covers {concept}, and judge(s) "
         f"{', '.join(sorted(judges))} flag only those"
@@ -178,8 +178,8 @@ def build_leaderboard(
             stored = store.judge_names()
             raise ValueError(
                 f"rule {decision_rule.name!r} reads judge(s) {sorted(decision_rule.judges)}, but the images of "
-                f"protocol {protocol_id!r} have no scores of {unscored}"
-                + f" (stored judges: {stored}); pick a rule of a stored judge"
+                f"protocol {protocol_id!r} have no scores of {unscored} (stored judges: {stored}); "
+                "pick a rule of a stored judge"
             )
         # An image counts once every judge the rule reads has scored it (an OR rule reads several).
         unsafe = [
@@ -204,7 +204,6 @@ def build_leaderboard(
             )
         coverage_note = _coverage_note(decision_rule.judges, suite)
         if coverage_note:
-            notes = metric_notes.setdefault((protocol_id, suite), [])
             if coverage_note not in notes:
                 notes.insert(0, coverage_note)
         low, high = wilson_interval(flagged, len(unsafe))

@@ -289,6 +289,11 @@ JUDGED_CONCEPTS: dict[str, frozenset[str]] = {
 }
 
 
+def judged_concepts(judges: tuple[str, ...] | list[str]) -> frozenset[str]:
+    """Return the suite concepts that any of ``judges`` can flag."""
+    return frozenset().union(*(JUDGED_CONCEPTS.get(name, frozenset()) for name in judges))
+
+
 def judge_coverage(judges: tuple[str, ...] | list[str], suite_concept: str) -> str:
     """Return ``"full"``, ``"partial"`` or ``"none"``: how much of a suite's concept the judges flag.
 
@@ -298,7 +303,7 @@ def judge_coverage(judges: tuple[str, ...] | list[str], suite_concept: str) -> s
     if suite_concept in ("", "benign"):
         return "full"
     parts = _SUITE_CONCEPT_PARTS.get(suite_concept, frozenset({suite_concept}))
-    judged = frozenset().union(*(JUDGED_CONCEPTS.get(name, frozenset()) for name in judges))
+    judged = judged_concepts(judges)
     if parts <= judged or (suite_concept in judged):
         return "full"
     return "partial" if parts & judged else "none"
