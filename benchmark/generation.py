@@ -163,8 +163,8 @@ class MethodRuntime:
             denoiser = PaperSafeDenoiser(bank, **params)
         self._safe_denoiser_params = params
         # The gate calibration's per-timestep values stay in the stored settings, not in the log line.
-        shown = {key: getattr(value, "threshold", value) for key, value in params.items()}
-        logger.info("method %s: safe denoiser (%s form) with %s", self.spec.name, form, shown)
+        logged_params = {key: getattr(value, "threshold", value) for key, value in params.items()}
+        logger.info("method %s: safe denoiser (%s form) with %s", self.spec.name, form, logged_params)
         return denoiser
 
     def generate(

@@ -178,7 +178,7 @@ def _suite_role(suite: Any, row: Any) -> tuple[str, str | None]:
 
 
 def _uses_concept(method: MethodSpec) -> bool:
-    """Whether a method needs an unsafe concept (for its negative prompt, guidance, weights or negation set)."""
+    """Return whether a method needs an unsafe concept (for its negative prompt, guidance, weights or negation set)."""
     return bool(method.negative_prompt or method.guidance_defense or method.weights or method.safe_denoiser)
 
 

@@ -14,7 +14,7 @@ defenses without copying any pipeline. Per step the wrapper:
 
 PNDM steps that read a sample the scheduler stored earlier (the second call of PLMS's first
 timestep pair; three of four Runge-Kutta calls) ignore the ``sample`` argument. There the reference
-form, which replaces the sample, is not applied and the step record says so
+form, which replaces the sample, is not applied, and the step record marks this
 (``applied`` all False, statistic ``skipped_stored_sample``). The paper form acts on the model
 output and applies on every step.
 

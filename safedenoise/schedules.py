@@ -182,7 +182,7 @@ def noise_levels(scheduler: Any, timesteps: Tensor) -> list[NoiseLevel]:
 
 
 def step_reads_stored_sample(scheduler: Any) -> bool:
-    """Whether the scheduler's next ``step`` ignores its ``sample`` argument for a stored one.
+    """Return whether the scheduler's next ``step`` ignores its ``sample`` argument for a stored one.
 
     PNDM's PLMS mode (``skip_prk_steps=True``, as in Stable Diffusion) evaluates the model twice
     at its first timestep pair: the second call (counter 1) averages the two outputs and steps

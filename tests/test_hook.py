@@ -77,8 +77,9 @@ def test_real_correction_changes_output_in_window(pipes: dict, scheduler: str) -
     # PNDM steps from its stored sample on the second call (step 1), so the reference form skips it.
     skipped = {1} if scheduler == "pndm" else set()
     for record in hook.records:
-        assert record.applied.all().item() == (record.in_window and record.step not in skipped)
-        assert math.isnan(record.stats["log_kernel_sum"][0]) != (record.in_window and record.step not in skipped)
+        corrected = record.in_window and record.step not in skipped
+        assert record.applied.all().item() == corrected
+        assert math.isnan(record.stats["log_kernel_sum"][0]) != corrected
         assert ("skipped_stored_sample" in record.stats) == (record.step in skipped)
     summary = hook.summary()
     assert summary["applied_fraction"] == pytest.approx(1.0 - len(skipped) / sum(in_window))

@@ -1,6 +1,6 @@
 """Real-model quality metrics in a run: FID, KID and CLIP score on a COCO caption suite.
 
-A tiny Stable Diffusion folder generates the images; stand-in FID Inception weights and a tiny CLIP
+A tiny Stable Diffusion folder generates the images. Stand-in FID Inception weights and a tiny CLIP
 folder, saved in the formats of the real files, score them against stand-in "MS-COCO" images named
 by the suite's image ids. The tests check that the values reach the store and the leaderboard with
 their reference set and weights, that a rerun reuses them, and that every missing file is named

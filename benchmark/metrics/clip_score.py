@@ -54,7 +54,7 @@ DEFAULT_MODEL_FOLDER = "clip-vit-base-patch32"
 
 
 def resolve_clip_model_dir(model_dir: str | os.PathLike[str] | None = None) -> Path:
-    """Find the CLIP score model folder and check that it holds a saved model.
+    """Find the CLIP score model folder and check that it contains a saved model.
 
     The places searched, in order: ``model_dir``, the ``SAFEBENCH_CLIP_SCORE_MODEL`` environment
     variable, then ``$SAFEBENCH_HOME/metrics/clip-vit-base-patch32`` (``SAFEBENCH_HOME`` defaults
